@@ -1,0 +1,123 @@
+"""Load a SAM 3 checkpoint, by hub name or directory, as one shared ViT with two heads.
+
+`facebook/sam3` holds a concept detector (`Sam3Model`: text and box exemplars) and a SAM 2 style
+tracker (`Sam3TrackerModel`: points) that share one ViT backbone. Both load from the same checkpoint;
+the tracker's copy of the ViT is then replaced by the detector's, so the 446M-parameter backbone is held
+once and its features are computed once per image for either head.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Sam3Model,
+    Sam3TrackerModel,
+)
+
+from client.errors import Sam3Error
+from deployments.core.tiny_checkpoint import TINY_MARKER_FILE
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointUnavailableError(Sam3Error):
+    """The checkpoint can be neither found on disk nor fetched from the model hub."""
+
+    code = "checkpoint_unavailable"
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The sizes the pre- and post-processing need, read from the checkpoint, never hard-coded."""
+
+    image_size: int
+    mask_size: int
+    text_max_tokens: int
+
+
+@dataclass
+class Sam3Models:
+    detector: Sam3Model
+    tracker: Sam3TrackerModel
+    tokenizer: PreTrainedTokenizerBase
+    geometry: ModelGeometry
+    device: torch.device
+    dtype: torch.dtype
+
+
+def geometry_of(config: PretrainedConfig) -> ModelGeometry:
+    """Sizes from a `Sam3Config`, or from the detector part of a `Sam3VideoConfig` (the real layout)."""
+    detector_config = getattr(config, "detector_config", None) or config
+    vision = detector_config.vision_config
+    grid = vision.image_size // vision.backbone_config.patch_size
+    return ModelGeometry(
+        image_size=vision.image_size,
+        mask_size=int(grid * max(vision.scale_factors)),
+        text_max_tokens=detector_config.text_config.max_position_embeddings,
+    )
+
+
+def load_geometry(checkpoint: str) -> ModelGeometry:
+    """The checkpoint's sizes from its config alone, for CPU stages that never load the weights."""
+    return geometry_of(_from_pretrained(AutoConfig, checkpoint))
+
+
+def load_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's CLIP tokenizer (the CPU preprocessor needs only this, not the weights)."""
+    return _from_pretrained(AutoTokenizer, checkpoint)
+
+
+def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> Sam3Models:
+    """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if is_tiny_checkpoint(checkpoint):
+        logger.warning("%s is a tiny random-weight test checkpoint: its masks are meaningless", checkpoint)
+    detector = _from_pretrained(Sam3Model, checkpoint, dtype=torch_dtype)
+    tracker = _from_pretrained(Sam3TrackerModel, checkpoint, dtype=torch_dtype)
+    tracker.vision_encoder.backbone = detector.vision_encoder.backbone
+    target = torch.device(device)
+    detector.to(target).eval()
+    tracker.to(target).eval()
+    return Sam3Models(
+        detector=detector,
+        tracker=tracker,
+        tokenizer=load_tokenizer(checkpoint),
+        geometry=geometry_of(detector.config),
+        device=target,
+        dtype=torch_dtype,
+    )
+
+
+def is_tiny_checkpoint(checkpoint: str) -> bool:
+    """Whether `checkpoint` is the project's tiny random-weight test checkpoint (masks meaningless)."""
+    return (Path(checkpoint) / TINY_MARKER_FILE).is_file()
+
+
+def _from_pretrained(cls, checkpoint: str, **kwargs):
+    """`cls.from_pretrained`, with an error that names the directory option when the hub is unreachable."""
+    if Path(checkpoint).is_dir():
+        return cls.from_pretrained(checkpoint, **kwargs)
+    if Path(checkpoint).exists() or checkpoint.startswith((".", "/", "~")):
+        raise CheckpointUnavailableError(f"checkpoint directory {checkpoint!r} does not exist")
+    # A hub name: from_pretrained uses the local Hugging Face cache first, then the hub.
+    logger.info("loading %s %s from the Hugging Face cache or hub", cls.__name__, checkpoint)
+    try:
+        return cls.from_pretrained(checkpoint, **kwargs)
+    except OSError as error:
+        raise CheckpointUnavailableError(
+            f"could not load {checkpoint!r} from the Hugging Face hub or its local cache ({error}). "
+            "If this machine cannot reach the hub, download the checkpoint elsewhere (it is gated: accept "
+            "its license first) and set `checkpoint` to the local directory instead of the hub name."
+        ) from error

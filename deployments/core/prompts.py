@@ -1,0 +1,175 @@
+"""Prompt preparation: validate and convert text, box and point prompts into model inputs.
+
+Pure functions (torch, no model). They reproduce `Sam3Processor` (text, box exemplars) and
+`Sam3TrackerProcessor` (points) exactly, using the same float32 torch operations, and refuse input that
+would make the model raise or silently misbehave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from client.errors import InvalidPromptError, PromptTooLongError
+
+# The text `Sam3Processor` uses for a boxes-only prompt.
+BOXES_ONLY_TEXT = "visual"
+# transformers' marker for padded boxes and points.
+PAD_VALUE = -10
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    input_ids: np.ndarray  # int64 [L]
+    attention_mask: np.ndarray  # int64 [L]
+
+
+@dataclass(frozen=True)
+class ConceptPrompt:
+    """A `Sam3Model` prompt: text, optionally with box exemplars (cxcywh in [0, 1]) and their labels."""
+
+    text: TokenizedText
+    boxes_cxcywh: np.ndarray | None = None  # float32 [N, 4]
+    box_labels: np.ndarray | None = None  # int64 [N]
+
+
+@dataclass(frozen=True)
+class PointPrompt:
+    """A `Sam3TrackerModel` prompt: one object, from points in model-resolution pixels."""
+
+    points: np.ndarray  # float32 [N, 2]
+    labels: np.ndarray  # int64 [N]
+
+
+Prompt = ConceptPrompt | PointPrompt
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> TokenizedText:
+    """Tokenize to exactly `max_tokens`, as `Sam3Processor` does; refuse what it would truncate or break on."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidPromptError("text prompt must be a non-empty string")
+    encoded = tokenizer(text, padding="max_length", max_length=max_tokens, return_tensors="np")
+    length = encoded["input_ids"].shape[-1]
+    if length > max_tokens:
+        raise PromptTooLongError(
+            f"text prompt is {length} tokens with start and end markers; this checkpoint takes at most {max_tokens}"
+        )
+    return TokenizedText(
+        input_ids=encoded["input_ids"][0].astype(np.int64),
+        attention_mask=encoded["attention_mask"][0].astype(np.int64),
+    )
+
+
+def _as_array(values, name: str, width: int) -> np.ndarray:
+    """A finite float32 [N, width] array, N >= 1, or an InvalidPromptError saying what is wrong."""
+    expected = f"{name} must be a list of [{', '.join(['number'] * width)}]"
+    try:
+        raw = np.asarray(values)
+    except (TypeError, ValueError) as error:
+        raise InvalidPromptError(expected) from error
+    if raw.dtype.kind not in "iuf":  # strings, None, booleans and ints too large for any number type
+        raise InvalidPromptError(expected)
+    if raw.ndim != 2 or raw.shape[1] != width or raw.shape[0] == 0:
+        raise InvalidPromptError(f"{name} must have shape [N, {width}] with N >= 1, got {list(raw.shape)}")
+    with np.errstate(over="ignore"):
+        array = raw.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise InvalidPromptError(f"{name} must be finite numbers within float32 range (no NaN or infinity)")
+    return array
+
+
+def _as_labels(labels, count: int, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(labels)
+    except (TypeError, ValueError) as error:
+        raise InvalidPromptError(f"{name} must be a list of 0 or 1") from error
+    if array.ndim != 1 or array.shape[0] != count:
+        raise InvalidPromptError(f"{name} must be a list of {count} labels (one per item), got shape {list(array.shape)}")
+    if not np.isin(array, (0, 1)).all() or array.dtype.kind not in "iub":
+        raise InvalidPromptError(f"{name} must each be 0 (background / negative) or 1 (foreground / positive)")
+    return array.astype(np.int64)
+
+
+def box_exemplars(boxes_xyxy, labels, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel xyxy boxes to the normalized cxcywh exemplars `Sam3Model` takes, with their labels.
+
+    Boxes must have positive area; coordinates outside the image are kept as given (the model's box
+    encoder accepts them and `Sam3Processor` does not clip either).
+    """
+    boxes = _as_array(boxes_xyxy, "boxes", 4)
+    box_labels = _as_labels(labels, boxes.shape[0], "box labels")
+    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        raise InvalidPromptError("each box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+    xyxy = torch.from_numpy(boxes)
+    corners = xyxy.reshape(-1, 2, 2)
+    corners[..., 0] = corners[..., 0] / width
+    corners[..., 1] = corners[..., 1] / height
+    x0, y0, x1, y1 = corners.reshape(-1, 4).unbind(-1)
+    cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    return cxcywh.numpy(), box_labels
+
+
+def scale_points(points_xy, labels, height: int, width: int, model_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel points to model-resolution pixels (`x * size / W`), as `Sam3TrackerProcessor` does.
+
+    The factor is computed as the processor computes it with `return_tensors="pt"` (integer tensors
+    divided in float32), which on some widths is one ulp off the correctly rounded `size / W`.
+    """
+    points = _as_array(points_xy, "points", 2)
+    point_labels = _as_labels(labels, points.shape[0], "point labels")
+    scaled = torch.from_numpy(points)
+    scaled[..., 0] = scaled[..., 0] * (model_size / torch.tensor(width))
+    scaled[..., 1] = scaled[..., 1] * (model_size / torch.tensor(height))
+    return scaled.numpy(), point_labels
+
+
+def pad_box_exemplars(prompts: list[ConceptPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack box exemplars of several prompts, padded exactly as `Sam3Processor` pads them.
+
+    It pads xyxy with -10 and then converts to cxcywh, so padded boxes read (-10, -10, 0, 0); their
+    label -10 is what makes the model ignore them.
+    """
+    count = max(prompt.boxes_cxcywh.shape[0] for prompt in prompts)
+    boxes = torch.tensor([PAD_VALUE, PAD_VALUE, 0, 0], dtype=torch.float32).repeat(len(prompts), count, 1)
+    labels = torch.full((len(prompts), count), PAD_VALUE, dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        boxes[row, : prompt.boxes_cxcywh.shape[0]] = torch.from_numpy(prompt.boxes_cxcywh)
+        labels[row, : prompt.box_labels.shape[0]] = torch.from_numpy(prompt.box_labels)
+    return boxes, labels
+
+
+def build_prompt(
+    *,
+    text: str | None,
+    points,
+    boxes,
+    labels,
+    tokenizer: PreTrainedTokenizerBase,
+    text_max_tokens: int,
+    model_size: int,
+    height: int,
+    width: int,
+) -> Prompt:
+    """Exactly one of text, points or boxes (the last two with labels) to a model prompt."""
+    given = [name for name, value in (("text", text), ("points", points), ("boxes", boxes)) if value is not None]
+    if len(given) != 1:
+        raise InvalidPromptError(
+            f"give exactly one prompt type: text, points (with labels) or boxes (with labels); got {given or 'none'}"
+        )
+    if text is not None:
+        if labels is not None:
+            raise InvalidPromptError("labels go with points or boxes, not with a text prompt")
+        return ConceptPrompt(text=tokenize(tokenizer, text, text_max_tokens))
+    if labels is None:
+        raise InvalidPromptError(f"{given[0]} need labels: one per item, 1 = foreground, 0 = background")
+    if boxes is not None:
+        boxes_cxcywh, box_labels = box_exemplars(boxes, labels, height, width)
+        return ConceptPrompt(
+            text=tokenize(tokenizer, BOXES_ONLY_TEXT, text_max_tokens),
+            boxes_cxcywh=boxes_cxcywh,
+            box_labels=box_labels,
+        )
+    return PointPrompt(*scale_points(points, labels, height, width, model_size))

@@ -1,0 +1,200 @@
+"""The model runner: one forward pass over a batch of prepared items, raw outputs per prompt.
+
+A batch mixes images and prompt types. The ViT runs once per image whatever the number of prompts on
+it; each distinct text runs once through the text encoder; concept prompts (text, box exemplars) go to
+`Sam3Model` and point prompts to `Sam3TrackerModel`, both fed the shared backbone's features.
+
+Prompts are grouped so that each group is one model call whose inputs need no padding that would change
+the answer: text-only and box prompts apart (box prompts add geometry tokens), point prompts by point
+count (a padded point is still a token to the tracker). Box counts within a group are padded the way
+`Sam3Processor` pads them (label -10, masked out).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+from deployments.core.checkpoint import Sam3Models
+from deployments.core.masks import concept_scores, keep_above
+from deployments.core.preprocess import normalize
+from deployments.core.prompts import ConceptPrompt, PointPrompt, Prompt, pad_box_exemplars
+
+
+@dataclass
+class PreparedItem:
+    """One image, resized to the model, with the prompts to answer on it."""
+
+    pixels: np.ndarray  # uint8 [3, S, S]
+    original_size: tuple[int, int]  # (H, W) after EXIF orientation
+    prompts: list[Prompt]
+
+
+@dataclass
+class ConceptOutput:
+    """The queries of one concept prompt that passed the score threshold, in query order."""
+
+    scores: np.ndarray  # float32 [K]
+    boxes: np.ndarray  # float32 [K, 4], xyxy in [0, 1]
+    mask_logits: np.ndarray  # float32 [K, m, m]
+
+
+@dataclass
+class PointOutput:
+    """The tracker's mask for one point prompt (the best of three for a single point)."""
+
+    mask_logits: np.ndarray  # float32 [1, m, m]
+    iou_score: float
+
+
+RawOutput = ConceptOutput | PointOutput
+
+
+@dataclass(frozen=True)
+class _PromptRef:
+    item: int
+    slot: int
+    prompt: Prompt
+
+
+class Sam3Runner:
+    """Runs prepared batches on the shared-ViT models; thresholds scores before anything leaves the device.
+
+    Only kept queries leave the device: all 200 query masks of the real model would be 66 MB per prompt.
+    """
+
+    def __init__(self, models: Sam3Models, score_threshold: float):
+        self.models = models
+        self.score_threshold = score_threshold
+
+    @torch.inference_mode()
+    def run(self, items: list[PreparedItem]) -> list[list[RawOutput]]:
+        outputs: list[list[RawOutput | None]] = [[None] * len(item.prompts) for item in items]
+        groups: dict[tuple, list[_PromptRef]] = defaultdict(list)
+        for index, item in enumerate(items):
+            for slot, prompt in enumerate(item.prompts):
+                groups[_group_key(prompt)].append(_PromptRef(index, slot, prompt))
+        if not groups:
+            return outputs
+        vision = self._vision_features(items)
+        tracker_embeddings = None
+        for key, refs in groups.items():
+            if key[0] == "points":
+                if tracker_embeddings is None:
+                    tracker_embeddings = self._tracker_image_embeddings(vision.last_hidden_state)
+                results = self._run_points(tracker_embeddings, refs)
+            else:
+                results = self._run_concepts(vision, refs)
+            for ref, result in zip(refs, results):
+                outputs[ref.item][ref.slot] = result
+        return outputs
+
+    def _device_tensor(self, array: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = torch.as_tensor(array)
+        return tensor.to(device=self.models.device, dtype=dtype or tensor.dtype)
+
+    def _vision_features(self, items: list[PreparedItem]) -> Sam3VisionEncoderOutput:
+        pixels = self._device_tensor(np.stack([item.pixels for item in items]))
+        return self.models.detector.get_vision_features(normalize(pixels).to(self.models.dtype))
+
+    def _tracker_image_embeddings(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
+        """The tracker's image embeddings from the shared backbone output.
+
+        Mirrors `Sam3TrackerModel.get_image_features` and the start of its `forward` after the backbone:
+        the tracker's own neck, `conv_s0`/`conv_s1` on the two finest levels, `no_memory_embedding` on the
+        last, and the reshape to `backbone_feature_sizes`.
+        """
+        tracker = self.models.tracker
+        batch = last_hidden_state.shape[0]
+        grid = self.models.geometry.image_size // tracker.config.vision_config.backbone_config.patch_size
+        spatial = last_hidden_state.view(batch, grid, grid, -1).permute(0, 3, 1, 2)
+        feature_maps, _ = tracker.vision_encoder.neck(spatial)
+        feature_maps = list(feature_maps)
+        feature_maps[0] = tracker.mask_decoder.conv_s0(feature_maps[0])
+        feature_maps[1] = tracker.mask_decoder.conv_s1(feature_maps[1])
+        feature_maps = [feature_map.flatten(2).permute(2, 0, 1) for feature_map in feature_maps]
+        feature_maps[-1] = feature_maps[-1] + tracker.no_memory_embedding
+        return [
+            feature_map.permute(1, 2, 0).view(batch, -1, *size)
+            for feature_map, size in zip(feature_maps, tracker.backbone_feature_sizes)
+        ]
+
+    def _run_concepts(self, vision: Sam3VisionEncoderOutput, refs: list[_PromptRef]) -> list[ConceptOutput]:
+        prompts: list[ConceptPrompt] = [ref.prompt for ref in refs]
+        images = self._device_tensor([ref.item for ref in refs])
+        kwargs = {}
+        if prompts[0].boxes_cxcywh is not None:
+            boxes, labels = pad_box_exemplars(prompts)
+            kwargs = {
+                "input_boxes": self._device_tensor(boxes, self.models.dtype),
+                "input_boxes_labels": self._device_tensor(labels),
+            }
+        text_embeds, attention_mask = self._text_features(prompts)
+        result = self.models.detector(
+            vision_embeds=Sam3VisionEncoderOutput(
+                fpn_hidden_states=tuple(level[images] for level in vision.fpn_hidden_states),
+                fpn_position_encoding=tuple(level[images] for level in vision.fpn_position_encoding),
+            ),
+            text_embeds=text_embeds,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        outputs = []
+        for row in range(len(refs)):
+            scores = concept_scores(result.pred_logits[row].float(), result.presence_logits[row].float())
+            keep = keep_above(scores, self.score_threshold)
+            outputs.append(
+                ConceptOutput(
+                    scores=scores[keep].cpu().numpy(),
+                    boxes=result.pred_boxes[row][keep].float().cpu().numpy(),
+                    mask_logits=result.pred_masks[row][keep].float().cpu().numpy(),
+                )
+            )
+        return outputs
+
+    def _text_features(self, prompts: list[ConceptPrompt]) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+        """Encode each distinct text once, then index the encodings per prompt."""
+        distinct: dict[bytes, int] = {}
+        rows = [distinct.setdefault(prompt.text.input_ids.tobytes(), len(distinct)) for prompt in prompts]
+        first_of = {row: prompt.text for row, prompt in zip(rows, prompts)}
+        texts = [first_of[row] for row in range(len(distinct))]
+        encoded = self.models.detector.get_text_features(
+            input_ids=self._device_tensor(np.stack([text.input_ids for text in texts])),
+            attention_mask=self._device_tensor(np.stack([text.attention_mask for text in texts])),
+        )
+        index = self._device_tensor(rows)
+        attention_mask = self._device_tensor(np.stack([prompt.text.attention_mask for prompt in prompts]))
+        return BaseModelOutputWithPooling(pooler_output=encoded.pooler_output[index]), attention_mask
+
+    def _run_points(self, embeddings: list[torch.Tensor], refs: list[_PromptRef]) -> list[PointOutput]:
+        prompts: list[PointPrompt] = [ref.prompt for ref in refs]
+        images = self._device_tensor([ref.item for ref in refs])
+        single_point = prompts[0].points.shape[0] == 1
+        result = self.models.tracker(
+            image_embeddings=[level[images] for level in embeddings],
+            input_points=self._device_tensor(np.stack([p.points for p in prompts])[:, None], self.models.dtype),
+            input_labels=self._device_tensor(np.stack([p.labels for p in prompts])[:, None]),
+            multimask_output=single_point,
+        )
+        outputs = []
+        for row in range(len(refs)):
+            iou = result.iou_scores[row, 0].float()
+            best = int(iou.argmax()) if single_point else 0
+            outputs.append(
+                PointOutput(
+                    mask_logits=result.pred_masks[row, 0, best : best + 1].float().cpu().numpy(),
+                    iou_score=float(iou[best]),
+                )
+            )
+        return outputs
+
+
+def _group_key(prompt: Prompt) -> tuple:
+    if isinstance(prompt, PointPrompt):
+        return ("points", prompt.points.shape[0])
+    return ("concept", prompt.boxes_cxcywh is not None)

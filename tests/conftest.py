@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny random-weight checkpoints (built once per cache directory) and test images.
+
+The tiny checkpoint's masks are meaningless (random weights); tests use it to run the real loading,
+pre-processing, model and post-processing code and to compare it with transformers' own pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deployments.core import tiny_checkpoint
+
+# The two model resolutions every parity test runs at (the real model's is 1008).
+TINY_SIZES = (56, 112)
+
+
+def tiny_checkpoint_dir(size: int) -> Path:
+    """Build (or reuse) the tiny checkpoint for `size`; the cache key includes the builder's source."""
+    source_hash = hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("SAM3_TEST_CACHE", Path(tempfile.gettempdir()) / "sam3-serve-test-cache"))
+    out_dir = cache / f"tiny-{size}-{source_hash}"
+    if not (out_dir / "model.safetensors").exists():
+        tiny_checkpoint.build_tiny_checkpoint(out_dir, image_size=size)
+    return out_dir
+
+
+@pytest.fixture(scope="session", params=TINY_SIZES, ids=lambda size: f"tiny{size}")
+def tiny_dir(request) -> Path:
+    return tiny_checkpoint_dir(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny112_dir() -> Path:
+    return tiny_checkpoint_dir(112)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (uint8 H x W x 3): smoother than noise, so resizing matters."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8), 3)).astype(np.float32)
+    rows = np.linspace(0, coarse.shape[0] - 1, height).round().astype(int)
+    cols = np.linspace(0, coarse.shape[1] - 1, width).round().astype(int)
+    noise = rng.integers(-20, 21, size=(height, width, 3))
+    return np.clip(coarse[rows][:, cols] + noise, 0, 255).astype(np.uint8)

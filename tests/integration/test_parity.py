@@ -1,0 +1,195 @@
+"""Parity with transformers' own pipeline, on the tiny checkpoint at two resolutions.
+
+The reference is what a transformers user runs: `Sam3Processor` -> `Sam3Model` ->
+`post_process_instance_segmentation(threshold=0.5, mask_threshold=0.5)` sorted by score, and
+`Sam3TrackerProcessor` -> `Sam3TrackerModel` -> `post_process_masks` for points (the best of three masks
+for one point, `multimask_output=False` for several). The reference models are loaded on their own, each
+with its own ViT, so the test also checks that sharing one ViT between the two heads changes nothing.
+
+Masks must be identical, boxes within 1e-3 px and scores within 1e-5. The tiny checkpoint's masks are
+meaningless (random weights); only their agreement matters.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3TrackerProcessor
+
+from deployments.core.checkpoint import load_sam3
+from deployments.core.pipeline import Sam3Pipeline
+from tests.conftest import random_image
+
+BOX_TOLERANCE_PX = 1e-3
+SCORE_TOLERANCE = 1e-5
+
+
+@lru_cache(maxsize=None)
+def reference_models(checkpoint: str):
+    return (
+        Sam3Processor.from_pretrained(checkpoint),
+        Sam3Model.from_pretrained(checkpoint).eval(),
+        Sam3TrackerProcessor.from_pretrained(checkpoint),
+        Sam3TrackerModel.from_pretrained(checkpoint).eval(),
+    )
+
+
+@lru_cache(maxsize=None)
+def pipeline_for(checkpoint: str) -> Sam3Pipeline:
+    return Sam3Pipeline(load_sam3(checkpoint), score_threshold=0.5, mask_chunk_size=3)
+
+
+@torch.inference_mode()
+def reference_concept(checkpoint: str, image: np.ndarray, **inputs) -> dict:
+    processor, model, _, _ = reference_models(checkpoint)
+    encoded = processor(images=Image.fromarray(image), return_tensors="pt", **inputs)
+    outputs = model(**encoded)
+    result = processor.post_process_instance_segmentation(
+        outputs, threshold=0.5, mask_threshold=0.5, target_sizes=encoded["original_sizes"].tolist()
+    )[0]
+    order = torch.sort(result["scores"], descending=True, stable=True).indices
+    masks = (result["masks"][order].numpy() * 255).astype(np.uint8)
+    return {
+        "scores": result["scores"][order].numpy(),
+        "boxes": result["boxes"][order].numpy(),
+        "masks": masks,
+        "union_mask": masks.max(axis=0) if len(masks) else np.zeros(image.shape[:2], np.uint8),
+    }
+
+
+@torch.inference_mode()
+def reference_points(checkpoint: str, image: np.ndarray, points, labels) -> np.ndarray:
+    _, _, processor, model = reference_models(checkpoint)
+    encoded = processor(
+        images=Image.fromarray(image), input_points=[[points]], input_labels=[[labels]], return_tensors="pt"
+    )
+    single_point = len(points) == 1
+    outputs = model(**encoded, multimask_output=single_point)
+    masks = processor.post_process_masks(outputs.pred_masks, encoded["original_sizes"])[0][0]
+    best = int(outputs.iou_scores[0, 0].argmax()) if single_point else 0
+    return masks[best].numpy().astype(np.uint8) * 255
+
+
+def image_shapes(size: int) -> list[tuple[int, int]]:
+    """Non-square and larger, smaller than the model, and exactly the model size."""
+    return [(90, 130), (size // 2 + 3, size // 2 - 5), (size, size)]
+
+
+def prompt_cases(height: int, width: int) -> dict[str, dict]:
+    """Our API's keyword arguments for each prompt kind, scaled to the image."""
+    def box(x0, y0, x1, y1):
+        return [x0 * width, y0 * height, x1 * width, y1 * height]
+
+    return {
+        "text": {"text": "a red car"},
+        "one_box": {"boxes": [box(0.1, 0.15, 0.55, 0.7)], "labels": [1]},
+        "boxes_mixed_labels": {
+            "boxes": [box(0.1, 0.15, 0.55, 0.7), box(0.5, 0.2, 0.95, 0.9), box(0.3, 0.6, 0.6, 0.95)],
+            "labels": [1, 0, 1],
+        },
+        "one_point": {"points": [[0.4 * width, 0.55 * height]], "labels": [1]},
+        "points_mixed_labels": {
+            "points": [[0.4 * width, 0.55 * height], [0.8 * width, 0.2 * height], [0.1 * width, 0.9 * height]],
+            "labels": [1, 0, 1],
+        },
+    }
+
+
+def reference_for(checkpoint: str, image: np.ndarray, case: dict) -> dict:
+    if "text" in case:
+        return reference_concept(checkpoint, image, text=case["text"])
+    if "boxes" in case:
+        return reference_concept(
+            checkpoint, image, input_boxes=[case["boxes"]], input_boxes_labels=[case["labels"]]
+        )
+    union = reference_points(checkpoint, image, case["points"], case["labels"])
+    empty = np.zeros((0,), np.float32)
+    return {"scores": empty, "boxes": empty.reshape(0, 4), "masks": np.zeros((0, *union.shape), np.uint8), "union_mask": union}
+
+
+def assert_same_segmentation(ours, reference: dict) -> None:
+    assert ours.scores.shape == reference["scores"].shape, "different number of instances"
+    np.testing.assert_allclose(ours.scores, reference["scores"], rtol=0, atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(ours.boxes, reference["boxes"], rtol=0, atol=BOX_TOLERANCE_PX)
+    np.testing.assert_array_equal(ours.masks, reference["masks"])
+    np.testing.assert_array_equal(ours.union_mask, reference["union_mask"])
+    assert ours.union_mask.dtype == np.uint8 and set(np.unique(ours.union_mask)) <= {0, 255}
+    assert np.all(np.diff(ours.scores) <= 0), "scores must be sorted in descending order"
+
+
+@pytest.mark.parametrize("shape_index", [0, 1, 2], ids=["non_square", "smaller_than_model", "at_model_size"])
+@pytest.mark.parametrize("kind", ["text", "one_box", "boxes_mixed_labels", "one_point", "points_mixed_labels"])
+def test_matches_transformers_pipeline(tiny_dir, shape_index, kind):
+    checkpoint = str(tiny_dir)
+    pipeline = pipeline_for(checkpoint)
+    height, width = image_shapes(pipeline.models.geometry.image_size)[shape_index]
+    image = random_image(height, width, seed=shape_index)
+    case = prompt_cases(height, width)[kind]
+    ours = pipeline.segment(image, **case)
+    assert_same_segmentation(ours, reference_for(checkpoint, image, case))
+    assert ours.union_mask.shape == (height, width)
+    if kind in ("text", "one_box", "boxes_mixed_labels"):
+        # The tiny checkpoint is calibrated so some queries pass the threshold; an empty answer tests little.
+        assert len(ours.scores) > 0
+
+
+def test_mixed_batch_matches_items_alone(tiny_dir):
+    """One model pass over mixed images and prompt types gives each item's answer alone, in order."""
+    checkpoint = str(tiny_dir)
+    pipeline = pipeline_for(checkpoint)
+    items, expected = [], []
+    for index, (height, width) in enumerate(image_shapes(pipeline.models.geometry.image_size)):
+        image = random_image(height, width, seed=10 + index)
+        for kind, case in prompt_cases(height, width).items():
+            items.append(pipeline.prepare(image, **case))
+            expected.append(pipeline.segment(image, **case))
+    # Two prompts of the same text on different images, and a second text: texts are deduplicated.
+    items.append(pipeline.prepare(random_image(70, 40, seed=3), text="a red car"))
+    expected.append(pipeline.segment(random_image(70, 40, seed=3), text="a red car"))
+    items.append(pipeline.prepare(random_image(70, 40, seed=3), text="dog"))
+    expected.append(pipeline.segment(random_image(70, 40, seed=3), text="dog"))
+
+    batched = pipeline.segment_batch(items)
+    assert [len(outputs) for outputs in batched] == [1] * len(items)
+    for ours, alone in zip(batched, expected):
+        ours = ours[0]
+        np.testing.assert_allclose(ours.scores, alone.scores, rtol=0, atol=SCORE_TOLERANCE)
+        np.testing.assert_allclose(ours.boxes, alone.boxes, rtol=0, atol=BOX_TOLERANCE_PX)
+        np.testing.assert_array_equal(ours.masks, alone.masks)
+        np.testing.assert_array_equal(ours.union_mask, alone.union_mask)
+
+
+def test_several_prompts_on_one_image_share_its_vision_pass(tiny112_dir):
+    """The ViT runs once per image, and the text encoder once per distinct text, whatever the prompts."""
+    pipeline = pipeline_for(str(tiny112_dir))
+    detector = pipeline.models.detector
+    backbone_batches, text_batches = [], []
+    hooks = [
+        detector.vision_encoder.backbone.register_forward_hook(
+            lambda module, args, output: backbone_batches.append(args[0].shape[0])
+        ),
+        detector.text_encoder.register_forward_hook(
+            lambda module, args, kwargs, output: text_batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        ),
+    ]
+    try:
+        images = [random_image(60, 80, seed=1), random_image(100, 50, seed=2)]
+        items = []
+        for image in images:
+            item = pipeline.prepare(image, text="cat")
+            for case in ({"text": "dog"}, {"boxes": [[5, 5, 40, 30]], "labels": [1]}, {"points": [[20, 20]], "labels": [1]}):
+                item.prompts.extend(pipeline.prepare(image, **case).prompts)
+            items.append(item)
+        outputs = pipeline.segment_batch(items)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert backbone_batches == [2], "one backbone pass for the two images"
+    assert sorted(text_batches) == [1, 2], "'cat' and 'dog' together, then 'visual' for the boxes"
+    assert [len(per_item) for per_item in outputs] == [4, 4]
+    alone = pipeline.segment(images[1], text="dog")
+    np.testing.assert_array_equal(outputs[1][1].masks, alone.masks)
