@@ -49,3 +49,53 @@ class PromptTooLongError(InvalidPromptError):
     """The text prompt tokenizes to more tokens than the checkpoint's text encoder takes."""
 
     code = "prompt_too_long"
+
+
+class AuthenticationError(Sam3Error):
+    """The API key is missing or wrong."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFoundError(Sam3Error):
+    """No such route or application (a wrong path, API version, or Serve application name)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class ServiceUnavailableError(Sam3Error):
+    """The service is overloaded or starting: retrying later may succeed."""
+
+    code = "unavailable"
+    http_status = 503
+
+
+class RequestTimeoutError(Sam3Error):
+    """The request did not finish within its timeout."""
+
+    code = "timeout"
+    http_status = 504
+
+
+class ConnectionFailedError(Sam3Error):
+    """The client could not reach the service at all (no HTTP status)."""
+
+    code = "connection_failed"
+    http_status = 0
+
+
+def _subclasses(cls: type[Sam3Error]) -> list[type[Sam3Error]]:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
+
+
+ERRORS_BY_CODE: dict[str, type[Sam3Error]] = {cls.code: cls for cls in _subclasses(Sam3Error)}
+
+
+def error_from_code(code: str, message: str) -> Sam3Error:
+    """The typed exception for a wire error code; unknown codes become the base `Sam3Error`."""
+    error = ERRORS_BY_CODE.get(code, Sam3Error)(message)
+    if error.code != code:
+        error.code = code
+    return error

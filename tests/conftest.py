@@ -48,3 +48,19 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     cols = np.linspace(0, coarse.shape[1] - 1, width).round().astype(int)
     noise = rng.integers(-20, 21, size=(height, width, 3))
     return np.clip(coarse[rows][:, cols] + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole session, with logical CPUs so fractional replicas fit."""
+    import ray
+    from ray import serve
+
+    # Token authentication protects Ray's control plane, not the Serve HTTP port; tests run without it,
+    # and say so explicitly rather than depend on the Ray version's default.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    context = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield context.address_info["gcs_address"]
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

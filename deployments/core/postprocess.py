@@ -28,20 +28,21 @@ class Segmentation:
 
 
 def build_segmentation(output: RawOutput, original_size: tuple[int, int], mask_chunk_size: int) -> Segmentation:
+    """Outputs may arrive as read-only arrays from Ray's object store: tensors are made from copies."""
     height, width = original_size
     if not isinstance(output, ConceptOutput):
-        mask = tracker_masks_to_uint8(torch.from_numpy(output.mask_logits), height, width, chunk_size=1)
+        mask = tracker_masks_to_uint8(torch.tensor(output.mask_logits), height, width, chunk_size=1)
         return Segmentation(
             union_mask=mask[0],
             masks=np.zeros((0, height, width), dtype=np.uint8),
             boxes=np.zeros((0, 4), dtype=np.float32),
             scores=np.zeros((0,), dtype=np.float32),
         )
-    order = order_by_score_descending(torch.from_numpy(output.scores))
+    order = order_by_score_descending(torch.tensor(output.scores))
     masks = concept_masks_to_uint8(
-        torch.from_numpy(output.mask_logits)[order], height, width, chunk_size=mask_chunk_size
+        torch.tensor(output.mask_logits)[order], height, width, chunk_size=mask_chunk_size
     )
-    boxes = scale_boxes(torch.from_numpy(output.boxes)[order], height, width)
+    boxes = scale_boxes(torch.tensor(output.boxes)[order], height, width)
     return Segmentation(
         union_mask=union_mask(masks, height, width),
         masks=masks,

@@ -1,0 +1,74 @@
+"""The Ray Serve handle client: the same API inside a Ray cluster (a Ray job, a Ray Data task), no HTTP.
+
+The `SegmentRequest` object goes to the ingress deployment's `segment` method as it is and a
+`SegmentResponse` comes back. Ray is imported only when a request is made, so `import client` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from client._api import SegmentClient
+from client.errors import NotFoundError, RequestTimeoutError, Sam3Error, ServiceUnavailableError, error_from_code
+from client.protocol import SegmentRequest, SegmentResponse
+
+
+class Sam3HandleClient(SegmentClient):
+    """Segment images through the Serve application's handle; construct it anywhere, it connects on first use."""
+
+    def __init__(self, app_name: str = "sam3", *, timeout: float | None = 60.0):
+        """`timeout` is each call's default wait for the result (None waits forever)."""
+        super().__init__(timeout=timeout)
+        self.app_name = app_name
+        self._handle: Any = None
+
+    def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
+        handle = self._app_handle()
+        try:
+            return handle.segment.remote(request).result(timeout_s=timeout)
+        except Exception as error:
+            raise as_sam3_error(error) from error
+
+    def _app_handle(self) -> Any:
+        """Looked up once, on first use: a missing application is a `NotFoundError`."""
+        if self._handle is None:
+            from ray.serve.exceptions import RayServeException
+
+            try:
+                self._handle = _get_app_handle(self.app_name)
+            except (RayServeException, ValueError) as error:
+                raise NotFoundError(f"no Ray Serve application {self.app_name!r}: {error}") from error
+            except Exception as error:
+                raise as_sam3_error(error) from error
+        return self._handle
+
+
+def _get_app_handle(app_name: str) -> Any:
+    """The ingress deployment's handle; Ray is imported here and not at module import."""
+    from ray import serve
+
+    return serve.get_app_handle(app_name)
+
+
+def as_sam3_error(error: BaseException) -> Sam3Error:
+    """Any failure of a handle call as the `client.errors` type the HTTP client would raise for it."""
+    cause = _unwrap(error)
+    if isinstance(cause, Sam3Error):
+        return error_from_code(cause.code, cause.message)  # a plain instance, not Ray's RayTaskError subclass
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(cause, BackPressureError):
+        return ServiceUnavailableError(f"the service is overloaded, retry later: {cause}")
+    if isinstance(cause, TimeoutError):  # ray.exceptions.GetTimeoutError is a TimeoutError too
+        return RequestTimeoutError(f"no result within the timeout: {cause}")
+    return Sam3Error(f"{type(cause).__name__}: {cause}")
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The exception the replica raised, without Ray's `RayTaskError` wrappers."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause
+    return error
+

@@ -1,0 +1,120 @@
+"""The HTTP client: the client-api.txt API over the service's JSON endpoint, for callers outside Ray."""
+
+from __future__ import annotations
+
+import httpx
+from pydantic import ValidationError
+
+from client._api import SegmentClient
+from client.errors import (
+    AuthenticationError,
+    ConnectionFailedError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestTimeoutError,
+    Sam3Error,
+    ServiceUnavailableError,
+    error_from_code,
+)
+from client.protocol import HEALTH_PATH, SEGMENT_PATH, ErrorResponse, SegmentRequest, SegmentResponse
+
+# Error bodies that are not our JSON (a proxy's HTML page, say) are typed by their status alone.
+_ERRORS_BY_STATUS: dict[int, type[Sam3Error]] = {
+    401: AuthenticationError,
+    404: NotFoundError,
+    408: RequestTimeoutError,
+    429: ServiceUnavailableError,
+    503: ServiceUnavailableError,
+    504: RequestTimeoutError,
+}
+_MAX_BODY_IN_MESSAGE = 500
+
+
+class Sam3HttpClient(SegmentClient):
+    """Segment images through the service's HTTP API; one connection pool, so reuse the client."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        timeout: float | None = 60.0,
+        api_key: str | None = None,
+        route_prefix: str = "",
+        transport: httpx.BaseTransport | None = None,
+    ):
+        """`timeout` is each call's default (None waits forever); `transport` is for tests."""
+        self._http = httpx.Client(transport=transport)
+        super().__init__(timeout=timeout, image_http=self._http)
+        self.base_url = base_url.rstrip("/") + _normalized_prefix(route_prefix)
+        self._api_key = api_key
+
+    def health(self) -> bool:
+        """True when the service answers its health check; never raises, so it suits polling."""
+        try:
+            self._send("GET", HEALTH_PATH, timeout=self.timeout)
+        except Sam3Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Sam3HttpClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
+        response = self._send("POST", SEGMENT_PATH, timeout=timeout, json_body=request.model_dump_json())
+        try:
+            return SegmentResponse.model_validate_json(response.content)
+        except ValidationError as error:
+            raise Sam3Error(f"malformed response from {response.request.url}: {error}") from error
+
+    def _send(self, method: str, path: str, *, timeout: float | None, json_body: str | None = None) -> httpx.Response:
+        """The network layer: one request, every failure as a `client.errors` type (the place for retries)."""
+        url = self.base_url + path
+        try:
+            response = self._http.request(
+                method, url, content=json_body, headers=self._headers(json_body), timeout=timeout
+            )
+        except httpx.TimeoutException as error:
+            raise RequestTimeoutError(f"{method} {url} timed out after {timeout} s: {error}") from error
+        except httpx.TransportError as error:
+            raise ConnectionFailedError(f"cannot reach {url}: {error}") from error
+        except httpx.HTTPError as error:
+            raise Sam3Error(f"{method} {url} failed: {error}") from error
+        if not response.is_success:
+            raise _error_from_response(response)
+        return response
+
+    def _headers(self, json_body: str | None) -> dict[str, str]:
+        """Per request, not on the httpx client, so image URLs fetched with it never see the API key."""
+        headers = {"content-type": "application/json"} if json_body is not None else {}
+        if self._api_key is not None:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+
+def _normalized_prefix(route_prefix: str) -> str:
+    """'', '/', 'sam3', '/sam3/' -> '' or '/sam3', so joining with the API paths gives one slash."""
+    stripped = route_prefix.strip("/")
+    return f"/{stripped}" if stripped else ""
+
+
+def _error_from_response(response: httpx.Response) -> Sam3Error:
+    """Our JSON error body gives the exact type; any other body is typed by its HTTP status."""
+    try:
+        detail = ErrorResponse.model_validate_json(response.content).error
+    except ValidationError:
+        return _error_from_status(response)
+    return error_from_code(detail.code, detail.message)
+
+
+def _error_from_status(response: httpx.Response) -> Sam3Error:
+    status = response.status_code
+    fallback = InvalidRequestError if 400 <= status < 500 else Sam3Error
+    error_type = _ERRORS_BY_STATUS.get(status, fallback)
+    body = response.text[:_MAX_BODY_IN_MESSAGE]
+    return error_type(f"HTTP {status} from {response.request.url}: {body}")

@@ -1,0 +1,76 @@
+"""The one wire format: request and response models shared by the server and both clients.
+
+Pydantic only (no torch, no Ray). Over HTTP the models travel as JSON, with the image bytes in base64;
+through a Ray Serve handle the same objects travel as they are. Unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_VERSION = "v1"
+SEGMENT_PATH = f"/{API_VERSION}/segment"
+HEALTH_PATH = f"/{API_VERSION}/health"
+
+PromptType = Literal["text", "points", "boxes"]
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: unknown fields are an error, bytes are base64 in JSON."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64", frozen=True)
+
+
+class SegmentRequest(WireModel):
+    """One image and exactly one prompt type: text, or points with labels, or boxes with labels."""
+
+    image: bytes = Field(description="The encoded image file (JPEG, PNG, WebP, ...), base64 in JSON.")
+    text: str | None = Field(None, description="A concept to segment: every instance is returned.")
+    points: list[list[float]] | None = Field(None, description="[[x, y], ...] in pixels: one object.")
+    boxes: list[list[float]] | None = Field(
+        None, description="[[x0, y0, x1, y1], ...] in pixels: exemplars of a concept."
+    )
+    labels: list[int] | None = Field(None, description="One per point or box: 1 foreground, 0 background.")
+    return_detections: bool = Field(
+        True, description="False returns only the union mask (what `run()` needs), not the instances."
+    )
+
+    @property
+    def prompt_type(self) -> PromptType:
+        return "text" if self.text is not None else "points" if self.points is not None else "boxes"
+
+
+class RleMask(WireModel):
+    """A binary mask as COCO compressed RLE (pycocotools), column-major, of the image's full size."""
+
+    size: tuple[int, int] = Field(description="[height, width]")
+    counts: str
+
+
+class SegmentResponse(WireModel):
+    """Instances sorted by descending score. Point prompts give the union mask and no instances."""
+
+    api_version: Literal["v1"] = API_VERSION
+    prompt_type: PromptType
+    height: int
+    width: int
+    union_mask: RleMask
+    masks: list[RleMask] = Field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="Pixel xyxy.")
+    scores: list[float] = Field(default_factory=list)
+
+
+class ErrorDetail(WireModel):
+    code: str = Field(description="Stable, machine-readable: the clients map it to a typed exception.")
+    message: str
+
+
+class ErrorResponse(WireModel):
+    error: ErrorDetail
+
+
+class HealthResponse(WireModel):
+    status: Literal["ok"] = "ok"
+    api_version: Literal["v1"] = API_VERSION

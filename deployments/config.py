@@ -1,0 +1,37 @@
+"""Typed configuration: the application's `args` and the model pool's live `user_config`.
+
+`serve_config.yaml` supplies both; the models refuse unknown fields so a typo fails at deploy time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AppArgs(BaseModel):
+    """The `args:` of the application in `serve_config.yaml`, validated by `build_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(
+        "facebook/sam3",
+        description="A Hugging Face hub name (uses the local cache first) or a checkpoint directory.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica has a GPU.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Model weights and activations; float32 is what parity is checked in."
+    )
+    score_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Concept instances kept above it.")
+    mask_chunk_size: int = Field(16, ge=1, description="Masks upsampled at once (bounds post-processing memory).")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
+
+
+class BatchConfig(BaseModel):
+    """The model pool's `user_config`: applied at start and on every `serve deploy`, without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)

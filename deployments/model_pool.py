@@ -1,0 +1,104 @@
+"""The SAM 3 model pool: GPU replicas that batch requests dynamically with `@serve.batch`.
+
+One response per request (Triton style): a batch that fails is retried item by item, so one bad item
+fails alone. Batch limits come from `user_config` and change live through `reconfigure`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve.metrics import Histogram
+
+from deployments.config import AppArgs, BatchConfig
+from deployments.core.checkpoint import load_sam3
+from deployments.core.pipeline import prepare_item
+from deployments.core.runner import PreparedItem, RawOutput, Sam3Runner
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class ModelResult:
+    """Raw outputs for one request, with what the postprocessor needs to finish it."""
+
+    original_size: tuple[int, int]
+    outputs: list[RawOutput]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@serve.deployment(
+    ray_actor_options={"num_gpus": 1},
+    max_ongoing_requests=32,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+)
+class Sam3ModelPool:
+    def __init__(self, args: AppArgs):
+        self.models = load_sam3(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype)
+        self.runner = Sam3Runner(self.models, args.score_threshold)
+        self.batch_sizes: Counter[int] = Counter()
+        self.batch_size_metric = Histogram(
+            "sam3_model_batch_size",
+            description="Requests per model batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One forward pass of each head at start, so the first request does not pay for it."""
+        size = self.models.geometry.image_size
+        blank = np.zeros((size, size, 3), dtype=np.uint8)
+        common = {"tokenizer": self.models.tokenizer, "geometry": self.models.geometry}
+        self.runner.run([prepare_item(blank, text="warm up", **common), prepare_item(blank, points=[[1, 1]], labels=[1], **common)])
+
+    def reconfigure(self, user_config: dict) -> None:
+        config = BatchConfig.model_validate(user_config)
+        self.run_batch.set_max_batch_size(config.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        logger.info("model pool batching: %s", config)
+
+    async def run(self, item: PreparedItem) -> ModelResult:
+        """One request in, one result or one error out, whatever else shared its batch."""
+        result = await self.run_batch(item)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def run_batch(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
+        self.batch_sizes[len(items)] += 1
+        self.batch_size_metric.observe(len(items))
+        return await asyncio.to_thread(self._run_items, items)
+
+    def _run_items(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
+        try:
+            return self._results(items, self.runner.run(items))
+        except Exception as error:
+            if len(items) == 1:
+                return [error]
+            logger.warning("batch of %d failed (%r): running its items one at a time", len(items), error)
+            self._release_cached_memory()
+        return [self._run_items([item])[0] for item in items]
+
+    @staticmethod
+    def _results(items: list[PreparedItem], outputs: list[list[RawOutput]]) -> list[ModelResult]:
+        return [ModelResult(item.original_size, item_outputs) for item, item_outputs in zip(items, outputs)]
+
+    def _release_cached_memory(self) -> None:
+        if self.models.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def batch_size_counts(self) -> dict[int, int]:
+        """How many batches of each size this replica ran (for tests and operators)."""
+        return dict(self.batch_sizes)

@@ -1,0 +1,39 @@
+"""The CPU preprocessor: decode, validate, resize and tokenize, before a request joins a model batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from client.protocol import SegmentRequest
+from deployments.config import AppArgs
+from deployments.core.checkpoint import load_geometry, load_tokenizer
+from deployments.core.pipeline import prepare_item
+from deployments.core.runner import PreparedItem
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class Sam3Preprocessor:
+    """Needs the checkpoint's tokenizer and config only, never its weights."""
+
+    def __init__(self, args: AppArgs):
+        self.tokenizer = load_tokenizer(args.checkpoint)
+        self.geometry = load_geometry(args.checkpoint)
+        self.max_image_pixels = args.max_image_pixels
+
+    def _prepare(self, request: SegmentRequest) -> PreparedItem:
+        return prepare_item(
+            request.image,
+            tokenizer=self.tokenizer,
+            geometry=self.geometry,
+            text=request.text,
+            points=request.points,
+            boxes=request.boxes,
+            labels=request.labels,
+            max_image_pixels=self.max_image_pixels,
+        )
+
+    async def prepare(self, request: SegmentRequest) -> PreparedItem:
+        """Decoding is CPU-bound: a worker thread keeps the replica's event loop free for new requests."""
+        return await asyncio.to_thread(self._prepare, request)

@@ -1,0 +1,55 @@
+"""Profiles derived from `serve_config.yaml`, so the GPU configuration stays the one source of truth.
+
+    python -m deployments.profiles cpu serve_config.yaml -o sam3-cpu.yaml [--checkpoint DIR]
+
+`cpu` runs the same application on a machine without a GPU: the model pool asks for no GPU and runs on
+CPU, and every replica asks for a fraction of a CPU so the four deployments fit on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+CPU_ACTOR_CPUS = {"Sam3Ingress": 0.1, "Sam3Preprocessor": 0.2, "Sam3ModelPool": 0.5, "Sam3Postprocessor": 0.2}
+
+
+def cpu_profile(config: dict, checkpoint: str | None = None) -> dict:
+    """The same application, with no GPU asked for and fractional CPUs."""
+    config = copy.deepcopy(config)
+    for application in config["applications"]:
+        application["args"]["device"] = "cpu"
+        application["args"]["dtype"] = "float32"
+        if checkpoint is not None:
+            application["args"]["checkpoint"] = checkpoint
+        for deployment in application.get("deployments", []):
+            options = deployment.setdefault("ray_actor_options", {})
+            options.pop("num_gpus", None)
+            options["num_cpus"] = CPU_ACTOR_CPUS.get(deployment["name"], 0.1)
+    return config
+
+
+PROFILES = {"cpu": cpu_profile}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", choices=sorted(PROFILES))
+    parser.add_argument("config", type=Path, help="the source serve_config.yaml")
+    parser.add_argument("-o", "--output", type=Path, help="where to write the profile (default: stdout)")
+    parser.add_argument("--checkpoint", help="override args.checkpoint (a hub name or a directory)")
+    args = parser.parse_args(argv)
+    derived = PROFILES[args.profile](yaml.safe_load(args.config.read_text()), checkpoint=args.checkpoint)
+    text = yaml.safe_dump(derived, sort_keys=False)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The real multi-process application, started from serve_config.yaml's CPU profile with `serve run`.
+
+Checks the two clients against the in-process core and transformers' own pipeline, that batches larger
+than one form under concurrent load, and that `user_config` changes the batch size live. The tiny
+checkpoint's masks are meaningless (random weights): only agreement matters.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from client import Sam3HandleClient, Sam3HttpClient
+from client.errors import InvalidPromptError, PromptTooLongError
+from deployments.app import build_app
+from deployments.config import AppArgs
+from deployments.core.checkpoint import load_sam3
+from deployments.core.pipeline import Sam3Pipeline
+from tests.conftest import random_image
+from tests.integration.test_parity import reference_for
+from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, free_port, serve_run
+
+IMAGE = random_image(90, 130, seed=7)
+PROMPTS = {
+    "text": {"text": "a red car"},
+    "boxes": {"boxes": [[10, 12, 70, 60], [60, 20, 125, 85]], "labels": [1, 0]},
+    "points": {"points": [[50, 40], [100, 70]], "labels": [1, 0]},
+    "one_point": {"points": [[50, 40]], "labels": [1]},
+}
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_address, tiny112_dir, tmp_path_factory):
+    config = cpu_config(str(tiny112_dir), free_port())
+    yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
+    serve.delete(APP_NAME)
+
+
+@pytest.fixture(scope="module")
+def http_client(app_url):
+    with Sam3HttpClient(app_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def handle_client(app_url):
+    return Sam3HandleClient(APP_NAME)
+
+
+@lru_cache(maxsize=1)
+def in_process(checkpoint: str) -> Sam3Pipeline:
+    return Sam3Pipeline(load_sam3(checkpoint))
+
+
+def png_path(tmp_path) -> str:
+    path = tmp_path / "image.png"
+    Image.fromarray(IMAGE).save(path)
+    return str(path)
+
+
+def test_serve_config_is_validated_by_the_builder():
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "deployments.app:build_app"
+    args = AppArgs.model_validate(application["args"])
+    assert build_app(args) is not None
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({**application["args"], "chekpoint": "typo"})
+    pool = deployment(config, "Sam3ModelPool")
+    assert pool["ray_actor_options"]["num_gpus"] == 1
+    assert pool["autoscaling_config"]["min_replicas"] >= 1
+    batch = pool["user_config"]["max_batch_size"]
+    assert pool["max_ongoing_requests"] >= batch, "batches cannot fill otherwise"
+    assert batch / 2 <= pool["autoscaling_config"]["target_ongoing_requests"] <= 2 * batch
+
+
+@pytest.mark.parametrize("kind", sorted(PROMPTS))
+def test_both_clients_match_the_core_and_transformers(kind, http_client, handle_client, tiny112_dir, tmp_path):
+    prompt = PROMPTS[kind]
+    expected = in_process(str(tiny112_dir)).segment(IMAGE, **prompt)
+    reference = reference_for(str(tiny112_dir), IMAGE, prompt)
+    for client in (http_client, handle_client):
+        for image_input in (IMAGE, Image.fromarray(IMAGE), png_path(tmp_path)):
+            result = client.run_with_detections(model_id="sam3", image_input=image_input, **prompt)
+            assert sorted(result) == ["boxes", "masks", "scores", "union_mask"]
+            np.testing.assert_array_equal(result["union_mask"], expected.union_mask)
+            np.testing.assert_array_equal(result["union_mask"], reference["union_mask"])
+            if kind in ("points", "one_point"):
+                assert result["masks"] == result["boxes"] == result["scores"] == []
+                continue
+            assert len(result["masks"]) == len(expected.masks) > 0
+            np.testing.assert_array_equal(np.stack(result["masks"]), expected.masks)
+            np.testing.assert_array_equal(np.stack(result["masks"]), reference["masks"])
+            np.testing.assert_allclose(result["boxes"], reference["boxes"], rtol=0, atol=1e-3)
+            np.testing.assert_allclose(result["scores"], reference["scores"], rtol=0, atol=1e-5)
+            assert result["scores"] == sorted(result["scores"], reverse=True)
+        union = client.run(image_input=IMAGE, **prompt)
+        assert union.dtype == np.uint8 and union.shape == IMAGE.shape[:2]
+        np.testing.assert_array_equal(union, expected.union_mask)
+
+
+def test_the_two_clients_agree_exactly(http_client, handle_client):
+    for prompt in PROMPTS.values():
+        over_http = http_client.run_with_detections(IMAGE, **prompt)
+        over_handle = handle_client.run_with_detections(IMAGE, **prompt)
+        np.testing.assert_array_equal(over_http["union_mask"], over_handle["union_mask"])
+        assert over_http["boxes"] == over_handle["boxes"]
+        assert over_http["scores"] == over_handle["scores"]
+        for a, b in zip(over_http["masks"], over_handle["masks"], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_aliases_of_the_client_api(http_client, handle_client):
+    for client in (http_client, handle_client):
+        np.testing.assert_array_equal(
+            client.run(IMAGE, text_prompt="a red car"), client.run(IMAGE, text="a red car")
+        )
+        np.testing.assert_array_equal(
+            client.run(IMAGE, prompts=[[50, 40]], labels=[1]), client.run(IMAGE, points=[[50, 40]], labels=[1])
+        )
+
+
+def test_both_clients_raise_the_same_typed_errors(http_client, handle_client):
+    for client in (http_client, handle_client):
+        with pytest.raises(PromptTooLongError):
+            client.run(IMAGE, text="word " * 40)
+        with pytest.raises(InvalidPromptError):
+            client.run(IMAGE, boxes=[[50, 50, 10, 10]], labels=[1])
+
+
+def test_a_bad_item_does_not_fail_its_batch(http_client):
+    """Good and bad requests sent together: every good one is answered, every bad one gets its error."""
+    good = http_client.run(IMAGE, text="a red car")
+
+    def call(index: int):
+        if index % 3 == 0:
+            with pytest.raises(InvalidPromptError):
+                http_client.run(IMAGE, boxes=[[5, 5, 5, 5]], labels=[1])
+            return None
+        return http_client.run(IMAGE, text="a red car")
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(call, range(36)))
+    for result in results:
+        if result is not None:
+            np.testing.assert_array_equal(result, good)
+
+
+def model_pool_batch_sizes() -> dict[int, int]:
+    handle = serve.get_deployment_handle("Sam3ModelPool", app_name=APP_NAME)
+    return handle.batch_size_counts.remote().result()
+
+
+def concurrent_load(http_client, requests: int, concurrency: int) -> None:
+    image = io.BytesIO()
+    Image.fromarray(IMAGE).save(image, format="PNG")
+    kinds = list(PROMPTS.values())
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda i: http_client.run(image.getvalue(), **kinds[i % len(kinds)]), range(requests)))
+
+
+def test_batches_larger_than_one_form_under_load(http_client):
+    before = model_pool_batch_sizes()
+    concurrent_load(http_client, requests=64, concurrency=16)
+    after = model_pool_batch_sizes()
+    new_batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert sum(size * count for size, count in new_batches.items()) >= 64
+    assert max(size for size, count in new_batches.items() if count > 0) > 1, new_batches
+    print(f"model pool batch sizes under load (size: count): {dict(sorted(new_batches.items()))}")
+
+
+def test_user_config_changes_batch_size_live(app_url, ray_address, tiny112_dir, tmp_path, http_client):
+    """A `serve run` of the same config with a new user_config reconfigures the replica in place."""
+    config = cpu_config(str(tiny112_dir), int(app_url.rsplit(":", 1)[1]))
+    deployment(config, "Sam3ModelPool")["user_config"]["max_batch_size"] = 2
+    replicas_before = serve.status().applications[APP_NAME].deployments["Sam3ModelPool"].replica_states
+    serve_run(config, tmp_path / "config.yaml", ray_address)
+    before = model_pool_batch_sizes()
+    concurrent_load(http_client, requests=48, concurrency=16)
+    after = model_pool_batch_sizes()
+    new_sizes = {size for size in after if after.get(size, 0) > before.get(size, 0)}
+    assert new_sizes and max(new_sizes) <= 2, new_sizes
+    assert serve.status().applications[APP_NAME].deployments["Sam3ModelPool"].replica_states == replicas_before

@@ -1,0 +1,206 @@
+"""Unit tests for client.handle_client.Sam3HandleClient with a fake Serve handle (no Ray cluster is started)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RayServeException
+
+from client import handle_client
+from client.errors import (
+    InvalidImageError,
+    InvalidPromptError,
+    InvalidRequestError,
+    NotFoundError,
+    PromptTooLongError,
+    RequestTimeoutError,
+    Sam3Error,
+    ServiceUnavailableError,
+    error_from_code,
+)
+from client.handle_client import Sam3HandleClient
+from client.protocol import SegmentRequest, SegmentResponse
+from client.rle import encode_mask
+
+MASK = np.triu(np.full((3, 5), 255, np.uint8))
+RESPONSE = SegmentResponse(
+    prompt_type="boxes",
+    height=3,
+    width=5,
+    union_mask=encode_mask(MASK),
+    masks=[encode_mask(MASK)],
+    boxes=[(0.0, 0.0, 5.0, 3.0)],
+    scores=[0.75],
+)
+
+
+class FakeHandle:
+    """Stands in for the ingress `DeploymentHandle`: `handle.segment.remote(request).result(timeout_s=...)`."""
+
+    def __init__(self) -> None:
+        self.requests: list[SegmentRequest] = []
+        self.timeouts: list[float | None] = []
+        self.outcome: Any = RESPONSE  # what `.result()` returns, or raises if it is an exception
+        self.segment = self
+
+    def remote(self, request: SegmentRequest) -> FakeHandle:
+        self.requests.append(request)
+        return self
+
+    def result(self, *, timeout_s: float | None) -> SegmentResponse:
+        self.timeouts.append(timeout_s)
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.fixture
+def handle() -> FakeHandle:
+    return FakeHandle()
+
+
+@pytest.fixture
+def lookups(monkeypatch, handle) -> list[str]:
+    """The app names looked up; every lookup answers the fake handle."""
+    names: list[str] = []
+
+    def get_app_handle(app_name: str) -> FakeHandle:
+        names.append(app_name)
+        return handle
+
+    monkeypatch.setattr(handle_client, "_get_app_handle", get_app_handle)
+    return names
+
+
+@pytest.fixture
+def client(lookups) -> Sam3HandleClient:
+    return Sam3HandleClient("my-sam3")
+
+
+IMAGE = np.zeros((3, 5, 3), np.uint8)
+
+
+def test_importing_client_imports_no_ray_or_torch():
+    code = (
+        "import sys, client; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'transformers'}))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_the_request_object_travels_as_it_is(client, handle, lookups):
+    mask = client.run(IMAGE, boxes=np.array([[0, 0, 5, 3]]), labels=[1])
+    (request,) = handle.requests
+    assert isinstance(request, SegmentRequest)
+    assert (request.boxes, request.labels, request.return_detections) == ([[0.0, 0.0, 5.0, 3.0]], [1], False)
+    np.testing.assert_array_equal(mask, MASK)
+    assert lookups == ["my-sam3"]
+
+
+def test_run_with_detections(client, handle):
+    result = client.run_with_detections(image_input=IMAGE, text_prompt="cat", model_id="sam3")
+    assert handle.requests[0].text == "cat" and handle.requests[0].return_detections is True
+    assert list(result) == ["union_mask", "boxes", "scores", "masks"]
+    assert result["boxes"] == [[0.0, 0.0, 5.0, 3.0]] and result["scores"] == [0.75]
+    np.testing.assert_array_equal(result["masks"][0], MASK)
+
+
+def test_the_handle_is_looked_up_once_and_lazily(lookups):
+    client = Sam3HandleClient()
+    assert lookups == []
+    client.run(IMAGE, text="cat")
+    client.run(IMAGE, text="dog")
+    assert lookups == ["sam3"]
+
+
+def test_per_call_timeout_overrides_the_default(lookups, handle):
+    client = Sam3HandleClient(timeout=30.0)
+    client.run(IMAGE, text="cat")
+    client.run(IMAGE, text="cat", timeout=2.0)
+    assert handle.timeouts == [30.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error_type"),
+    [
+        ({"text": "cat", "boxes": [[0, 0, 1, 1]], "labels": [1]}, InvalidPromptError),
+        ({"points": [[1, 2]], "prompts": [[1, 2]], "labels": [1]}, InvalidPromptError),
+        ({"points": [[1, 2]], "labels": [1, 0]}, InvalidPromptError),
+        ({"text": "cat", "model_id": "sam2"}, InvalidRequestError),
+        ({"image_input": np.zeros((3, 5), np.int16), "text": "cat"}, InvalidImageError),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_call(lookups, handle, kwargs, error_type):
+    with pytest.raises(error_type):
+        Sam3HandleClient().run(**{"image_input": IMAGE, **kwargs})
+    assert (lookups, handle.requests) == ([], [])
+
+
+def test_a_ray_task_error_is_mapped_back_to_the_replicas_error(client, handle):
+    wrapped = RayTaskError(function_name="segment", traceback_str="", cause=InvalidPromptError("bad"))
+    handle.outcome = wrapped.as_instanceof_cause()
+    assert isinstance(handle.outcome, InvalidPromptError)  # Ray's wrapper subclasses the cause's class
+    with pytest.raises(InvalidPromptError) as raised:
+        client.run(IMAGE, text="cat")
+    assert type(raised.value) is InvalidPromptError
+    assert (raised.value.code, raised.value.message) == ("invalid_prompt", "bad")
+
+
+@pytest.mark.parametrize(
+    ("error", "error_type"),
+    [
+        (PromptTooLongError("too many tokens"), PromptTooLongError),
+        (ServiceUnavailableError("busy"), ServiceUnavailableError),
+        (BackPressureError(num_queued_requests=10, max_queued_requests=10), ServiceUnavailableError),
+        (GetTimeoutError("timed out"), RequestTimeoutError),
+        (TimeoutError("timed out"), RequestTimeoutError),
+        (RuntimeError("boom"), Sam3Error),
+        (RayTaskError("segment", "", RuntimeError("boom")), Sam3Error),
+    ],
+)
+def test_call_errors_become_typed_errors(client, handle, error, error_type):
+    handle.outcome = error
+    with pytest.raises(Sam3Error) as raised:
+        client.run(IMAGE, text="cat")
+    assert type(raised.value) is error_type
+    assert raised.value.__cause__ is error
+
+
+def test_unexpected_errors_keep_their_message(client, handle):
+    handle.outcome = RuntimeError("boom")
+    with pytest.raises(Sam3Error, match="RuntimeError: boom"):
+        client.run(IMAGE, text="cat")
+
+
+def test_unknown_codes_survive_the_round_trip(client, handle):
+    handle.outcome = error_from_code("brand_new", "something new")
+    with pytest.raises(Sam3Error) as raised:
+        client.run(IMAGE, text="cat")
+    assert raised.value.code == "brand_new"
+
+
+@pytest.mark.parametrize(
+    ("lookup_error", "error_type"),
+    [
+        (RayServeException("Application 'my-sam3' does not exist."), NotFoundError),
+        (ValueError("no such app"), NotFoundError),
+        (ConnectionError("cannot reach the cluster"), Sam3Error),
+    ],
+)
+def test_lookup_failures_become_typed_errors_and_are_retried(monkeypatch, handle, lookup_error, error_type):
+    def fail(app_name: str) -> FakeHandle:
+        raise lookup_error
+
+    monkeypatch.setattr(handle_client, "_get_app_handle", fail)
+    client = Sam3HandleClient("my-sam3")
+    with pytest.raises(Sam3Error) as raised:
+        client.run(IMAGE, text="cat")
+    assert type(raised.value) is error_type
+    monkeypatch.setattr(handle_client, "_get_app_handle", lambda app_name: handle)
+    client.run(IMAGE, text="cat")
+    assert len(handle.requests) == 1

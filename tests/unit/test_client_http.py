@@ -1,0 +1,415 @@
+"""Unit tests for client.http_client.Sam3HttpClient against an in-process fake service (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.errors import (
+    ERRORS_BY_CODE,
+    AuthenticationError,
+    ConnectionFailedError,
+    InvalidImageError,
+    InvalidPromptError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestTimeoutError,
+    Sam3Error,
+    ServiceUnavailableError,
+)
+from client.http_client import Sam3HttpClient
+from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, SegmentRequest, SegmentResponse
+from client.rle import encode_mask
+
+BASE_URL = "http://sam3.test"
+IMAGE_URL = "https://images.test/cat.png"
+
+
+def masks_and_response(height: int = 4, width: int = 6) -> tuple[list[np.ndarray], SegmentResponse]:
+    """Two instances (left and right halves, scores descending) and the response the service sends for them."""
+    left = np.zeros((height, width), np.uint8)
+    left[:, : width // 2] = 255
+    right = np.zeros((height, width), np.uint8)
+    right[1:, width // 2 :] = 255
+    response = SegmentResponse(
+        prompt_type="text",
+        height=height,
+        width=width,
+        union_mask=encode_mask(left | right),
+        masks=[encode_mask(left), encode_mask(right)],
+        boxes=[(0.0, 0.0, 2.5, 4.0), (3.0, 1.0, 6.0, 4.0)],
+        scores=[0.9, 0.6],
+    )
+    return [left, right], response
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FakeService:
+    """Serves the segment and health endpoints and one image URL; records every request it gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.image = png_bytes(np.full((4, 6, 3), 7, np.uint8))
+        self.segment: Callable[[httpx.Request], httpx.Response] = lambda _: httpx.Response(
+            200, content=masks_and_response()[1].model_dump_json()
+        )
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if str(request.url) == IMAGE_URL:
+            return httpx.Response(200, content=self.image)
+        if request.url.path.endswith("/v1/health"):
+            return httpx.Response(200, content=HealthResponse().model_dump_json())
+        return self.segment(request)
+
+    @property
+    def api_requests(self) -> list[httpx.Request]:
+        return [request for request in self.requests if str(request.url) != IMAGE_URL]
+
+    def sent(self) -> SegmentRequest:
+        """The one segment request made, decoded as the server decodes it (the image is base64 in JSON)."""
+        (request,) = self.api_requests
+        return SegmentRequest.model_validate_json(request.content)
+
+
+@pytest.fixture
+def service() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+def client(service: FakeService) -> Sam3HttpClient:
+    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service)) as client:
+        yield client
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "image.png"
+    path.write_bytes(png_bytes(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)))
+    return path
+
+
+# The request on the wire
+
+
+def test_run_posts_json_with_the_file_bytes_as_they_are(client, service, image_file):
+    client.run(image_file, "cat")
+    (request,) = service.api_requests
+    assert request.method == "POST"
+    assert str(request.url) == f"{BASE_URL}/v1/segment"
+    assert request.headers["content-type"] == "application/json"
+    assert service.sent() == SegmentRequest(image=image_file.read_bytes(), text="cat", return_detections=False)
+
+
+def test_a_str_path_and_bytes_are_sent_as_they_are(client, service, image_file):
+    client.run(str(image_file), text="cat")
+    client.run(image_file.read_bytes(), text="cat")
+    sent = [SegmentRequest.model_validate_json(request.content).image for request in service.api_requests]
+    assert sent == [image_file.read_bytes()] * 2
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
+def test_numpy_images_travel_as_lossless_png(client, service, shape):
+    pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    client.run(pixels, text="cat")
+    decoded = Image.open(io.BytesIO(service.sent().image))
+    assert decoded.format == "PNG"
+    np.testing.assert_array_equal(np.asarray(decoded), pixels)
+
+
+def test_bool_numpy_images_become_0_and_255(client, service):
+    pixels = np.eye(4, dtype=bool)
+    client.run(pixels, text="cat")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(service.sent().image))), pixels * 255)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "CMYK"])
+def test_pil_images_travel_as_lossless_png(client, service, mode):
+    """Modes PNG cannot store (CMYK) go as RGB."""
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    client.run(image, text="cat")
+    decoded = Image.open(io.BytesIO(service.sent().image))
+    assert decoded.format == "PNG"
+    expected = image.convert("RGB") if mode == "CMYK" else image
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def test_url_images_are_fetched_by_the_client_without_the_api_key(service, image_file):
+    with Sam3HttpClient(BASE_URL, api_key="secret", transport=httpx.MockTransport(service)) as client:
+        client.run(IMAGE_URL, text="cat")
+    image_request, api_request = service.requests
+    assert str(image_request.url) == IMAGE_URL
+    assert "authorization" not in image_request.headers
+    assert api_request.headers["authorization"] == "Bearer secret"
+    assert service.sent().image == service.image
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"text_prompt": "dog"}, {"text": "dog"}),
+        ({"prompts": [[1, 2]], "labels": [1]}, {"points": [[1.0, 2.0]], "labels": [1]}),
+        ({"points": [[1.5, 2]], "labels": [0]}, {"points": [[1.5, 2.0]], "labels": [0]}),
+        (
+            {"boxes": [[0, 0, 3, 4], [1, 1, 2, 2]], "labels": [1, 0]},
+            {"boxes": [[0, 0, 3, 4], [1, 1, 2, 2]], "labels": [1, 0]},
+        ),
+        (
+            {"points": np.array([[1, 2], [3, 4]]), "labels": np.array([1, 0])},
+            {"points": [[1.0, 2.0], [3.0, 4.0]], "labels": [1, 0]},
+        ),
+        ({"boxes": np.array([[0.5, 0, 3, 4]]), "labels": np.array([1])}, {"boxes": [[0.5, 0, 3, 4]], "labels": [1]}),
+        ({"text": "cat", "model_id": "sam3"}, {"text": "cat"}),
+    ],
+)
+def test_prompt_arguments_and_aliases(client, service, image_file, kwargs, expected):
+    client.run(image_input=image_file, **kwargs)
+    sent = service.sent().model_dump()
+    for key in ("text", "points", "boxes", "labels"):
+        assert sent[key] == expected.get(key)
+
+
+def test_run_with_detections_asks_for_detections(client, service, image_file):
+    client.run_with_detections(image_file, text="cat")
+    assert service.sent().return_detections is True
+
+
+def test_bearer_header_only_with_an_api_key(service, image_file):
+    for api_key, expected in [("k3y", "Bearer k3y"), (None, None)]:
+        service.requests.clear()
+        with Sam3HttpClient(BASE_URL, api_key=api_key, transport=httpx.MockTransport(service)) as client:
+            client.run(image_file, text="cat")
+        assert service.api_requests[0].headers.get("authorization") == expected
+
+
+def test_per_call_timeout_overrides_the_default(service, image_file):
+    with Sam3HttpClient(BASE_URL, timeout=12.0, transport=httpx.MockTransport(service)) as client:
+        client.run(image_file, text="cat")
+        client.run_with_detections(image_file, text="cat", timeout=3.5)
+    default_call, override_call = service.api_requests
+    assert default_call.extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), 12.0)
+    assert override_call.extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), 3.5)
+
+
+@pytest.mark.parametrize("route_prefix", ["/sam3", "sam3/", "/sam3/"])
+def test_route_prefix_goes_before_the_api_path(service, image_file, route_prefix):
+    with Sam3HttpClient(BASE_URL + "/", route_prefix=route_prefix, transport=httpx.MockTransport(service)) as client:
+        client.run(image_file, text="cat")
+    assert str(service.api_requests[0].url) == f"{BASE_URL}/sam3/v1/segment"
+
+
+# Results
+
+
+def test_run_returns_the_union_mask(client, image_file):
+    (left, right), _ = masks_and_response()
+    mask = client.run(image_file, text="cat")
+    assert mask.dtype == np.uint8 and mask.shape == (4, 6)
+    np.testing.assert_array_equal(mask, left | right)
+
+
+def test_run_with_detections_returns_plain_python_results(client, image_file):
+    (left, right), _ = masks_and_response()
+    result = client.run_with_detections(image_file, text="cat")
+    assert list(result) == ["union_mask", "boxes", "scores", "masks"]
+    np.testing.assert_array_equal(result["union_mask"], left | right)
+    assert result["boxes"] == [[0.0, 0.0, 2.5, 4.0], [3.0, 1.0, 6.0, 4.0]]
+    assert all(type(value) is float for box in result["boxes"] for value in box)
+    assert result["scores"] == [0.9, 0.6] and all(type(score) is float for score in result["scores"])
+    assert [mask.dtype for mask in result["masks"]] == [np.uint8, np.uint8]
+    np.testing.assert_array_equal(np.stack(result["masks"]), np.stack([left, right]))
+
+
+def test_point_prompts_give_empty_detection_lists(client, service, image_file):
+    point_mask = np.zeros((4, 6), np.uint8)
+    point_mask[1:3, 1:3] = 255
+    response = SegmentResponse(prompt_type="points", height=4, width=6, union_mask=encode_mask(point_mask))
+    service.segment = lambda _: httpx.Response(200, content=response.model_dump_json())
+    result = client.run_with_detections(image_file, points=[[2, 2]], labels=[1])
+    np.testing.assert_array_equal(result["union_mask"], point_mask)
+    assert (result["masks"], result["boxes"], result["scores"]) == ([], [], [])
+
+
+# Errors from the service
+
+
+def error_body(code: str, message: str) -> bytes:
+    return ErrorResponse(error=ErrorDetail(code=code, message=message)).model_dump_json().encode()
+
+
+@pytest.mark.parametrize(("code", "error_type"), sorted(ERRORS_BY_CODE.items()))
+def test_json_error_bodies_become_their_typed_error(client, service, image_file, code, error_type):
+    service.segment = lambda _: httpx.Response(error_type.http_status or 500, content=error_body(code, "the detail"))
+    with pytest.raises(error_type) as raised:
+        client.run(image_file, text="cat")
+    assert type(raised.value) is error_type
+    assert (raised.value.code, raised.value.message) == (code, "the detail")
+
+
+def test_unknown_error_codes_become_sam3_error_with_the_code(client, service, image_file):
+    service.segment = lambda _: httpx.Response(500, content=error_body("brand_new", "something new"))
+    with pytest.raises(Sam3Error) as raised:
+        client.run(image_file, text="cat")
+    assert type(raised.value) is Sam3Error and raised.value.code == "brand_new"
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"),
+    [
+        (400, InvalidRequestError),
+        (401, AuthenticationError),
+        (404, NotFoundError),
+        (408, RequestTimeoutError),
+        (413, InvalidRequestError),
+        (429, ServiceUnavailableError),
+        (500, Sam3Error),
+        (502, Sam3Error),
+        (503, ServiceUnavailableError),
+        (504, RequestTimeoutError),
+    ],
+)
+def test_non_json_error_bodies_are_typed_by_status(client, service, image_file, status, error_type):
+    service.segment = lambda _: httpx.Response(status, text="<html>proxy says no</html>")
+    with pytest.raises(error_type) as raised:
+        client.run(image_file, text="cat")
+    assert type(raised.value) is error_type
+    assert str(status) in raised.value.message and "proxy says no" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("transport_error", "error_type"),
+    [
+        (httpx.ConnectError("connection refused"), ConnectionFailedError),
+        (httpx.ReadTimeout("read timed out"), RequestTimeoutError),
+        (httpx.ConnectTimeout("connect timed out"), RequestTimeoutError),
+        (httpx.RemoteProtocolError("peer closed connection"), ConnectionFailedError),
+    ],
+)
+def test_transport_failures_become_typed_errors(service, image_file, transport_error, error_type):
+    def fail(_: httpx.Request) -> httpx.Response:
+        raise transport_error
+
+    service.segment = fail
+    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service)) as client:
+        with pytest.raises(error_type) as raised:
+            client.run(image_file, text="cat")
+    assert BASE_URL in raised.value.message
+    assert raised.value.__cause__ is transport_error
+
+
+def test_a_malformed_success_body_is_a_sam3_error(client, service, image_file):
+    service.segment = lambda _: httpx.Response(200, json={"not": "a response"})
+    with pytest.raises(Sam3Error, match="malformed response"):
+        client.run(image_file, text="cat")
+
+
+def test_health(client, service):
+    assert client.health() is True
+    assert str(service.requests[-1].url) == f"{BASE_URL}/v1/health"
+
+
+def starting(_: httpx.Request) -> httpx.Response:
+    return httpx.Response(503, text="starting")
+
+
+def refuse(_: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused")
+
+
+@pytest.mark.parametrize("answer", [starting, refuse])
+def test_health_is_false_when_the_service_does_not_answer_ok(answer):
+    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(answer)) as client:
+        assert client.health() is False
+
+
+def test_the_context_manager_closes_the_connection_pool(service):
+    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service)) as client:
+        pass
+    assert client._http.is_closed
+
+
+# Bad images and arguments: refused before anything is sent
+
+
+def test_url_fetch_failures_name_the_url_and_status():
+    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(lambda _: httpx.Response(404))) as client:
+        with pytest.raises(InvalidImageError, match=r"https://images\.test/cat\.png.*HTTP 404"):
+            client.run(IMAGE_URL, text="cat")
+
+
+def test_unreachable_image_urls_are_invalid_images():
+    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(InvalidImageError, match="images.test"):
+            client.run(IMAGE_URL, text="cat")
+
+
+@pytest.mark.parametrize(
+    ("image_input", "message"),
+    [
+        (np.zeros((4, 6, 3), np.float32), "dtype uint8"),
+        (np.zeros((4, 6, 2), np.uint8), "shape"),
+        (np.zeros((4,), np.uint8), "shape"),
+        (np.zeros((0, 6), np.uint8), "empty"),
+        (None, "required"),
+        (42, "unsupported image_input type int"),
+        (Path("/nonexistent/cat.jpg"), "cat.jpg"),
+        ("/nonexistent/cat.jpg", "cat.jpg"),
+    ],
+)
+def test_bad_images_are_refused(client, service, image_input, message):
+    with pytest.raises(InvalidImageError, match=message):
+        client.run(image_input, text="cat")
+    assert service.requests == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one prompt type.*none"),
+        ({"text": "cat", "points": [[1, 2]], "labels": [1]}, "exactly one prompt type.*text, points"),
+        ({"points": [[1, 2]], "boxes": [[0, 0, 1, 1]], "labels": [1]}, "exactly one prompt type"),
+        ({"text": "cat", "text_prompt": "dog"}, "text or its alias text_prompt"),
+        ({"points": [[1, 2]], "prompts": [[1, 2]], "labels": [1]}, "points or its alias prompts"),
+        ({"points": [[1, 2]]}, "labels are required with points"),
+        ({"boxes": [[0, 0, 1, 1]]}, "labels are required with boxes"),
+        ({"points": [[1, 2], [3, 4]], "labels": [1]}, "one entry per point"),
+        ({"boxes": [[0, 0, 1, 1]], "labels": [1, 1]}, "one entry per box"),
+        ({"points": [[1, 2]], "labels": [2]}, "0 \\(background\\) or 1"),
+        ({"boxes": [[0, 0, 1, 1]], "labels": np.array([-1])}, "0 \\(background\\) or 1"),
+        ({"text": "cat", "labels": [1]}, "labels go with points or boxes"),
+        ({"text": "  "}, "non-empty string"),
+        ({"points": [], "labels": []}, "non-empty list"),
+        ({"points": [[1, 2, 3]], "labels": [1]}, r"each point must be \[x, y\]"),
+        ({"boxes": [[0, 0, 1]], "labels": [1]}, r"each box must be \[x0, y0, x1, y1\]"),
+        ({"points": [["a", 2]], "labels": [1]}, "invalid prompt: points.0.0"),
+    ],
+)
+def test_bad_prompts_are_refused(client, service, image_file, kwargs, message):
+    with pytest.raises(InvalidPromptError, match=message):
+        client.run(image_file, **kwargs)
+    assert service.requests == []
+
+
+def test_unsupported_model_ids_are_refused(client, service, image_file):
+    with pytest.raises(InvalidRequestError, match="'sam2'.*'sam3'"):
+        client.run_with_detections(image_file, text="cat", model_id="sam2")
+    assert service.requests == []
+
+
+def test_prompts_are_checked_before_a_url_is_fetched(client, service):
+    with pytest.raises(InvalidPromptError):
+        client.run(IMAGE_URL, text="cat", boxes=[[0, 0, 1, 1]], labels=[1])
+    assert service.requests == []
