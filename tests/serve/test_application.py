@@ -191,3 +191,14 @@ def test_user_config_changes_batch_size_live(app_url, ray_address, tiny112_dir, 
     new_sizes = {size for size in after if after.get(size, 0) > before.get(size, 0)}
     assert new_sizes and max(new_sizes) <= 2, new_sizes
     assert serve.status().applications[APP_NAME].deployments["Sam3ModelPool"].replica_states == replicas_before
+
+
+def test_handle_client_works_inside_a_ray_task(http_client):
+    """Ray jobs (and Ray Data tasks) on the same cluster call the application through its handle."""
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def segment_in_a_task(image: np.ndarray) -> np.ndarray:
+        return Sam3HandleClient(APP_NAME).run(image, text="a red car")
+
+    np.testing.assert_array_equal(ray.get(segment_in_a_task.remote(IMAGE)), http_client.run(IMAGE, text="a red car"))

@@ -1,0 +1,105 @@
+"""Autoscaling is real: sustained load scales the model pool from 1 replica to 2, and it returns to 1.
+
+A test profile of serve_config.yaml with short delays and fractional CPUs; every request sent while the
+pool grows and shrinks must succeed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from ray import serve
+
+from client import Sam3HttpClient
+from tests.conftest import random_image
+from tests.serve.app_runner import APP_NAME, cpu_config, deployment, free_port, replica_count, serve_run
+
+IMAGE = random_image(90, 130, seed=3)
+
+
+class LoadGenerator:
+    """Keeps `concurrency` callers sending requests until stopped; counts answers and failures."""
+
+    def __init__(self, client: Sam3HttpClient, expected: np.ndarray):
+        self.client = client
+        self.expected = expected
+        self.answered = 0
+        self.failures: list[BaseException] = []
+        self.concurrency = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=16)
+
+    def _caller(self, index: int) -> None:
+        while not self._stop.is_set() and index < self.concurrency:
+            try:
+                mask = self.client.run(IMAGE, text="a red car")
+                assert np.array_equal(mask, self.expected), "a request got a wrong answer"
+                with self._lock:
+                    self.answered += 1
+            except BaseException as error:  # noqa: BLE001 - every failure is recorded and asserted on
+                with self._lock:
+                    self.failures.append(error)
+
+    def set_concurrency(self, concurrency: int) -> None:
+        """Callers above `concurrency` finish their current request and stop; new ones start."""
+        previous, self.concurrency = self.concurrency, concurrency
+        for index in range(previous, concurrency):
+            self._pool.submit(self._caller, index)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+
+
+def wait_for_replicas(count: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if replica_count("Sam3ModelPool") == count:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    pytest.fail(f"model pool did not reach {count} replicas in {timeout_s} s: {serve.status()}")
+
+
+def test_model_pool_scales_up_and_back_down_without_losing_requests(ray_address, tiny112_dir, tmp_path):
+    config = cpu_config(str(tiny112_dir), free_port())
+    pool = deployment(config, "Sam3ModelPool")
+    pool["autoscaling_config"] = {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 4,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2,
+    }
+    pool["user_config"] = {"max_batch_size": 2, "batch_wait_timeout_s": 0.01}
+    pool["max_ongoing_requests"] = 8
+    base_url = serve_run(config, tmp_path / "config.yaml", ray_address)
+    try:
+        assert replica_count("Sam3ModelPool") == 1
+        with Sam3HttpClient(base_url, timeout=60) as client:
+            load = LoadGenerator(client, expected=client.run(IMAGE, text="a red car"))
+            try:
+                load.set_concurrency(12)
+                up_s = wait_for_replicas(2, timeout_s=120)
+                answered_at_peak = load.answered
+                time.sleep(3)  # keep the load on both replicas for a while
+                load.set_concurrency(1)  # light traffic keeps flowing while the pool shrinks
+                down_s = wait_for_replicas(1, timeout_s=120)
+                time.sleep(2)
+            finally:
+                load.stop()
+        print(
+            f"autoscaling: 1 -> 2 replicas in {up_s:.1f} s, back to 1 in {down_s:.1f} s; "
+            f"{load.answered} requests answered ({answered_at_peak} by the scale-up), {len(load.failures)} failed"
+        )
+        assert not load.failures, load.failures[:3]
+        assert load.answered > answered_at_peak > 0
+    finally:
+        serve.delete(APP_NAME)
