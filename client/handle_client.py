@@ -52,7 +52,7 @@ def _get_app_handle(app_name: str) -> Any:
 
 def as_sam3_error(error: BaseException) -> Sam3Error:
     """Any failure of a handle call as the `client.errors` type the HTTP client would raise for it."""
-    cause = _unwrap(error)
+    cause = unwrap_ray_error(error)
     if isinstance(cause, Sam3Error):
         return error_from_code(cause.code, cause.message)  # a plain instance, not Ray's RayTaskError subclass
     from ray.serve.exceptions import BackPressureError
@@ -64,7 +64,7 @@ def as_sam3_error(error: BaseException) -> Sam3Error:
     return Sam3Error(f"{type(cause).__name__}: {cause}")
 
 
-def _unwrap(error: BaseException) -> BaseException:
+def unwrap_ray_error(error: BaseException) -> BaseException:
     """The exception the replica raised, without Ray's `RayTaskError` wrappers."""
     from ray.exceptions import RayTaskError
 

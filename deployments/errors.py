@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import logging
 
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
-
-from client.errors import Sam3Error, ServiceUnavailableError
+from client.errors import Sam3Error
+from client.handle_client import as_sam3_error as typed_error
+from client.handle_client import unwrap_ray_error
 from client.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")
 
 
-def unwrap(error: BaseException) -> BaseException:
-    """The error a downstream replica raised, without Ray's `RayTaskError` wrappers."""
-    while isinstance(error, RayTaskError) and error.cause is not None:
-        error = error.cause
-    return error
-
-
 def as_sam3_error(error: BaseException) -> Sam3Error:
-    """A typed error for anything: ours pass through; unexpected ones are logged and made internal."""
-    error = unwrap(error)
-    if isinstance(error, Sam3Error):
-        return type(error)(str(error.args[0]) if error.args else error.code)
-    if isinstance(error, BackPressureError):
-        return ServiceUnavailableError("the service is overloaded: retry later")
-    logger.error("unexpected error while serving a request", exc_info=error)
-    return Sam3Error(f"internal error ({type(error).__name__})")
+    """Typed errors (ours, back-pressure, timeouts) map as the clients map them; anything else is logged
+    here and answered as an internal error that does not leak its details."""
+    cause = unwrap_ray_error(error)
+    typed = typed_error(cause)
+    if type(typed) is Sam3Error and not isinstance(cause, Sam3Error):
+        logger.error("unexpected error while serving a request", exc_info=cause)
+        return Sam3Error(f"internal error ({type(cause).__name__})")
+    return typed
 
 
 def error_body(error: Sam3Error) -> ErrorResponse:

@@ -5,13 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv="${SAM3_VENV:-.venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -c .ci/constraints.txt -e ".[server,tiny,test]"
+source .ci/venv.sh
+ensure_venv server,tiny,test
 
 export SAM3_TEST_CACHE="${SAM3_TEST_CACHE:-$PWD/.cache/test}"
 for size in 56 112; do
-  "$venv/bin/python" -c "from tests.conftest import tiny_checkpoint_dir; print('tiny checkpoint (masks are meaningless):', tiny_checkpoint_dir($size))"
+  "$PYTHON" -c "from tests.conftest import tiny_checkpoint_dir; print('tiny checkpoint (masks are meaningless):', tiny_checkpoint_dir($size))"
 done
-exec "$venv/bin/python" -m pytest "$@"
+exec "$PYTHON" -m pytest "$@"

@@ -27,7 +27,7 @@ from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import Sam3Pipeline
 from tests.conftest import random_image
 from tests.integration.test_parity import reference_for
-from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, free_port, serve_run
+from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, serve_run
 
 IMAGE = random_image(90, 130, seed=7)
 PROMPTS = {
@@ -39,8 +39,8 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_address, tiny112_dir, tmp_path_factory):
-    config = cpu_config(str(tiny112_dir), free_port())
+def app_url(ray_address, serve_port, tiny112_dir, tmp_path_factory):
+    config = cpu_config(str(tiny112_dir), serve_port)
     yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
     serve.delete(APP_NAME)
 

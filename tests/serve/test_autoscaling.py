@@ -16,7 +16,7 @@ from ray import serve
 
 from client import Sam3HttpClient
 from tests.conftest import random_image
-from tests.serve.app_runner import APP_NAME, cpu_config, deployment, free_port, replica_count, serve_run
+from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run
 
 IMAGE = random_image(90, 130, seed=3)
 
@@ -65,8 +65,8 @@ def wait_for_replicas(count: int, timeout_s: float) -> float:
     pytest.fail(f"model pool did not reach {count} replicas in {timeout_s} s: {serve.status()}")
 
 
-def test_model_pool_scales_up_and_back_down_without_losing_requests(ray_address, tiny112_dir, tmp_path):
-    config = cpu_config(str(tiny112_dir), free_port())
+def test_model_pool_scales_up_and_back_down_without_losing_requests(ray_address, serve_port, tiny112_dir, tmp_path):
+    config = cpu_config(str(tiny112_dir), serve_port)
     pool = deployment(config, "Sam3ModelPool")
     pool["autoscaling_config"] = {
         "min_replicas": 1,
