@@ -202,3 +202,15 @@ def test_handle_client_works_inside_a_ray_task(http_client):
         return Sam3HandleClient(APP_NAME).run(image, text="a red car")
 
     np.testing.assert_array_equal(ray.get(segment_in_a_task.remote(IMAGE)), http_client.run(IMAGE, text="a red car"))
+
+
+def test_versioned_api_with_openapi_and_health(app_url):
+    import httpx
+
+    spec = httpx.get(f"{app_url}/openapi.json", timeout=10).json()
+    assert {"/v1/segment", "/v1/health"} <= set(spec["paths"])
+    assert "requestBody" in spec["paths"]["/v1/segment"]["post"]
+    assert httpx.get(f"{app_url}/v1/health", timeout=10).json() == {"status": "ok", "api_version": "v1"}
+    wrong_version = httpx.post(f"{app_url}/v2/segment", json={}, timeout=10)
+    assert wrong_version.status_code == 404
+    assert wrong_version.json()["error"]["code"] == "not_found"
