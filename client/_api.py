@@ -1,11 +1,13 @@
 """The client API (client-api.txt), defined once for the HTTP and the handle client.
 
 Arguments become a `SegmentRequest` after cheap checks (the server re-validates everything), and a
-`SegmentResponse` becomes numpy masks. A client subclass only says how a request travels.
+`SegmentResponse` becomes numpy masks. A client subclass only says how one attempt travels; retries
+(`client.retry`) wrap it here, the same for both clients.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any, NamedTuple, Sequence
 
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 from client.errors import InvalidPromptError, InvalidRequestError
 from client.images import ImageInput, encode_image
 from client.protocol import SegmentRequest, SegmentResponse
+from client.retry import RetryPolicy, call_with_retries
 from client.rle import decode_mask
 
 SUPPORTED_MODEL_ID = "sam3"
@@ -52,6 +55,7 @@ def segment_request(
     http: httpx.Client | None = None,
 ) -> SegmentRequest:
     """The request for client-api.txt's arguments; prompts are checked first so a bad call fetches nothing."""
+    _check_timeout(timeout)
     _check_model_id(model_id)
     text = _one_of("text", text, "text_prompt", text_prompt)
     points = _one_of("points", _as_list(points), "prompts", _as_list(prompts))
@@ -60,7 +64,13 @@ def segment_request(
     image = encode_image(image_input, timeout=timeout, http=http)
     try:
         return SegmentRequest(
-            image=image, text=text, points=points, boxes=boxes, labels=labels, return_detections=return_detections
+            image=image,
+            text=text,
+            points=points,
+            boxes=boxes,
+            labels=labels,
+            return_detections=return_detections,
+            timeout_s=timeout,
         )
     except ValidationError as error:
         raise InvalidPromptError(f"invalid prompt: {_describe(error)}") from error
@@ -84,9 +94,11 @@ def detections(response: SegmentResponse) -> dict[str, Any]:
 class SegmentClient(ABC):
     """`run()` and `run_with_detections()` for both clients; subclasses implement `_segment` only."""
 
-    def __init__(self, *, timeout: float | None, image_http: httpx.Client | None = None):
+    def __init__(self, *, timeout: float | None, retry_policy: RetryPolicy, image_http: httpx.Client | None = None):
         self.timeout = timeout
+        self.retry_policy = retry_policy
         self._image_http = image_http
+        self._sleep, self._clock = time.sleep, time.monotonic  # tests swap in a fake clock
 
     def run(
         self,
@@ -116,7 +128,7 @@ class SegmentClient(ABC):
             return_detections=False,
             http=self._image_http,
         )
-        return union_mask(self._segment(request, timeout))
+        return union_mask(self._segment_with_retries(request, timeout))
 
     def run_with_detections(
         self,
@@ -146,15 +158,30 @@ class SegmentClient(ABC):
             return_detections=True,
             http=self._image_http,
         )
-        return detections(self._segment(request, timeout))
+        return detections(self._segment_with_retries(request, timeout))
+
+    def _segment_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
+        """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
+        return call_with_retries(
+            lambda remaining: self._segment(request.model_copy(update={"timeout_s": remaining}), remaining),
+            policy=self.retry_policy,
+            timeout=timeout,
+            sleep=self._sleep,
+            clock=self._clock,
+        )
 
     @abstractmethod
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
-        """Send one request and return its response, raising only `client.errors` types."""
+        """Send one attempt and return its response, raising only `client.errors` types."""
 
     def _timeout_for(self, timeout: float | None) -> float | None:
         """A per-call timeout overrides the client's default."""
         return self.timeout if timeout is None else timeout
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise InvalidRequestError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
 def _check_model_id(model_id: str | None) -> None:

@@ -38,6 +38,20 @@ class ImageTooLargeError(InvalidRequestError):
     http_status = 413
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts."""
+
+    code = "request_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The request body is not JSON (`Content-Type: application/json`)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
 class InvalidPromptError(InvalidRequestError):
     """The prompt (text, points, boxes or labels) is missing or malformed."""
 

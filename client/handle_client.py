@@ -11,14 +11,30 @@ from typing import Any
 from client._api import SegmentClient
 from client.errors import NotFoundError, RequestTimeoutError, Sam3Error, ServiceUnavailableError, error_from_code
 from client.protocol import SegmentRequest, SegmentResponse
+from client.retry import RetryPolicy
 
 
 class Sam3HandleClient(SegmentClient):
     """Segment images through the Serve application's handle; construct it anywhere, it connects on first use."""
 
-    def __init__(self, app_name: str = "sam3", *, timeout: float | None = 60.0):
-        """`timeout` is each call's default wait for the result (None waits forever)."""
-        super().__init__(timeout=timeout)
+    def __init__(
+        self,
+        app_name: str = "sam3",
+        *,
+        timeout: float | None = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 4.0,
+    ):
+        """`timeout` is each call's whole wait for the result, retries included (None waits forever).
+
+        Segmenting is idempotent, so back-pressure and dead or unavailable replicas are retried `retries` times
+        with jittered exponential backoff from `backoff_s` up to `max_backoff_s`; `retries=0` turns that off.
+        """
+        super().__init__(
+            timeout=timeout,
+            retry_policy=RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s),
+        )
         self.app_name = app_name
         self._handle: Any = None
 
@@ -55,10 +71,17 @@ def as_sam3_error(error: BaseException) -> Sam3Error:
     cause = unwrap_ray_error(error)
     if isinstance(cause, Sam3Error):
         return error_from_code(cause.code, cause.message)  # a plain instance, not Ray's RayTaskError subclass
-    from ray.serve.exceptions import BackPressureError
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     if isinstance(cause, BackPressureError):
-        return ServiceUnavailableError(f"the service is overloaded, retry later: {cause}")
+        error = ServiceUnavailableError(f"the service is overloaded, retry later: {cause}")
+        error.retry_after_s = cause.retry_after_s  # read by client.retry
+        return error
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)):
+        # RayActorError covers ActorDiedError and ActorUnavailableError: a replica died or cannot be reached.
+        message = getattr(cause, "message", None) or cause
+        return ServiceUnavailableError(f"a replica is unavailable, retry later: {type(cause).__name__}: {message}")
     if isinstance(cause, TimeoutError):  # ray.exceptions.GetTimeoutError is a TimeoutError too
         return RequestTimeoutError(f"no result within the timeout: {cause}")
     return Sam3Error(f"{type(cause).__name__}: {cause}")

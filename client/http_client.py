@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import httpx
 from pydantic import ValidationError
 
@@ -17,6 +19,7 @@ from client.errors import (
     error_from_code,
 )
 from client.protocol import HEALTH_PATH, SEGMENT_PATH, ErrorResponse, SegmentRequest, SegmentResponse
+from client.retry import RetryPolicy
 
 # Error bodies that are not our JSON (a proxy's HTML page, say) are typed by their status alone.
 _ERRORS_BY_STATUS: dict[int, type[Sam3Error]] = {
@@ -40,16 +43,27 @@ class Sam3HttpClient(SegmentClient):
         timeout: float | None = 60.0,
         api_key: str | None = None,
         route_prefix: str = "",
+        retries: int = 3,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 4.0,
         transport: httpx.BaseTransport | None = None,
     ):
-        """`timeout` is each call's default (None waits forever); `transport` is for tests."""
+        """`timeout` is each call's whole budget, retries included (None waits forever); `transport` is for tests.
+
+        Segmenting is idempotent, so 503/429 answers and connection failures are retried `retries` times
+        with jittered exponential backoff from `backoff_s` up to `max_backoff_s`; `retries=0` turns that off.
+        """
         self._http = httpx.Client(transport=transport)
-        super().__init__(timeout=timeout, image_http=self._http)
+        super().__init__(
+            timeout=timeout,
+            retry_policy=RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s),
+            image_http=self._http,
+        )
         self.base_url = base_url.rstrip("/") + _normalized_prefix(route_prefix)
         self._api_key = api_key
 
     def health(self) -> bool:
-        """True when the service answers its health check; never raises, so it suits polling."""
+        """True when the service answers its health check; never raises nor retries, so it suits polling."""
         try:
             self._send("GET", HEALTH_PATH, timeout=self.timeout)
         except Sam3Error:
@@ -73,7 +87,7 @@ class Sam3HttpClient(SegmentClient):
             raise Sam3Error(f"malformed response from {response.request.url}: {error}") from error
 
     def _send(self, method: str, path: str, *, timeout: float | None, json_body: str | None = None) -> httpx.Response:
-        """The network layer: one request, every failure as a `client.errors` type (the place for retries)."""
+        """The network layer: one request, every failure as a `client.errors` type."""
         url = self.base_url + path
         try:
             response = self._http.request(
@@ -86,7 +100,9 @@ class Sam3HttpClient(SegmentClient):
         except httpx.HTTPError as error:
             raise Sam3Error(f"{method} {url} failed: {error}") from error
         if not response.is_success:
-            raise _error_from_response(response)
+            error = _error_from_response(response)
+            error.retry_after_s = _retry_after_s(response)  # read by client.retry
+            raise error
         return response
 
     def _headers(self, json_body: str | None) -> dict[str, str]:
@@ -110,6 +126,15 @@ def _error_from_response(response: httpx.Response) -> Sam3Error:
     except ValidationError:
         return _error_from_status(response)
     return error_from_code(detail.code, detail.message)
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (what Serve and proxies send for 503 and 429); the HTTP-date form is ignored."""
+    try:
+        seconds = float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+    return seconds if 0 <= seconds < math.inf else None
 
 
 def _error_from_status(response: httpx.Response) -> Sam3Error:

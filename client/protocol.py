@@ -36,6 +36,9 @@ class SegmentRequest(WireModel):
     return_detections: bool = Field(
         True, description="False returns only the union mask (what `run()` needs), not the instances."
     )
+    timeout_s: float | None = Field(
+        None, gt=0, description="The caller's time budget: work still queued when it runs out is dropped."
+    )
 
     @property
     def prompt_type(self) -> PromptType:

@@ -14,4 +14,6 @@ from deployments.preprocessor import Sam3Preprocessor
 
 def build_app(args: AppArgs) -> Application:
     """HTTP ingress -> CPU preprocessor -> GPU model pool -> CPU postprocessor, wired in one expression."""
-    return Sam3Ingress.bind(Sam3Preprocessor.bind(args), Sam3ModelPool.bind(args), Sam3Postprocessor.bind(args))
+    return Sam3Ingress.bind(
+        Sam3Preprocessor.bind(args), Sam3ModelPool.bind(args), Sam3Postprocessor.bind(args), args
+    )

@@ -26,6 +26,16 @@ class AppArgs(BaseModel):
     score_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Concept instances kept above it.")
     mask_chunk_size: int = Field(16, ge=1, description="Masks upsampled at once (bounds post-processing memory).")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
+    max_prompt_items: int = Field(64, ge=1, description="Most points, or most boxes, in one request.")
+    max_body_bytes: int = Field(
+        100_000_000, ge=1, description="Larger request bodies are refused (base64 makes images 4/3 larger)."
+    )
+    api_key_env: str | None = Field(
+        "SAM3_API_KEY",
+        description="Environment variable holding the API key. The key itself never goes in this file.",
+    )
+    api_key_file: str | None = Field(None, description="A file holding the API key (a mounted secret).")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
 
 
 class BatchConfig(BaseModel):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from client.errors import Sam3Error
+from ray.serve.exceptions import RayServeException
+
+from client.errors import Sam3Error, ServiceUnavailableError
 from client.handle_client import as_sam3_error as typed_error
 from client.handle_client import unwrap_ray_error
 from client.protocol import ErrorDetail, ErrorResponse
@@ -16,6 +18,11 @@ def as_sam3_error(error: BaseException) -> Sam3Error:
     """Typed errors (ours, back-pressure, timeouts) map as the clients map them; anything else is logged
     here and answered as an internal error that does not leak its details."""
     cause = unwrap_ray_error(error)
+    if type(cause) is RayServeException:
+        # Raised by Serve's router inside our chain, e.g. when a replica died holding a request's input:
+        # the application is fine, the replica is being replaced, so the request can be retried.
+        logger.warning("request lost to a replica failure: %s", str(cause).splitlines()[0])
+        return ServiceUnavailableError("a replica failed while handling the request: retry")
     typed = typed_error(cause)
     if type(typed) is Sam3Error and not isinstance(cause, Sam3Error):
         logger.error("unexpected error while serving a request", exc_info=cause)

@@ -6,6 +6,12 @@ postprocessor) and awaits only the last, so images and masks go replica to repli
 
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations at import.
 
+import asyncio
+import hmac
+import os
+import time
+from pathlib import Path
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -13,7 +19,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from client.errors import InvalidRequestError, NotFoundError, Sam3Error
+from client.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    Sam3Error,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+)
 from client.protocol import (
     API_VERSION,
     HEALTH_PATH,
@@ -23,6 +38,7 @@ from client.protocol import (
     SegmentRequest,
     SegmentResponse,
 )
+from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
 
 app = FastAPI(
@@ -35,16 +51,61 @@ ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "Malformed request (unknown fields, bad JSON, undecodable image)",
-        413: "Image over the pixel limit",
+        401: "Missing or wrong API key (when the service has one)",
+        413: "Body over the size limit, or image over the pixel limit",
+        415: "Body is not application/json",
         422: "Invalid prompt",
         500: "Internal error",
-        503: "Overloaded: retry later",
+        503: "Overloaded or a replica is unavailable: retry after Retry-After seconds",
+        504: "No answer within the request's timeout_s",
     }.items()
 }
 
 
-def error_response(error: Sam3Error) -> JSONResponse:
-    return JSONResponse(error_body(error).model_dump(), status_code=error.http_status)
+def error_response(error: Sam3Error, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {}
+    if isinstance(error, ServiceUnavailableError) and retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
+    if isinstance(error, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(error).model_dump(), status_code=error.http_status, headers=headers)
+
+
+def load_api_key(args: AppArgs) -> str | None:
+    """The key from a mounted file or the environment, never from serve_config.yaml; None turns auth off."""
+    if args.api_key_file:
+        return Path(args.api_key_file).read_text().strip() or None
+    if args.api_key_env:
+        return os.environ.get(args.api_key_env) or None
+    return None
+
+
+def is_authorized(authorization: str | None, api_key: str | None) -> bool:
+    """Bearer token check in constant time, so response timing leaks nothing about the key."""
+    if api_key is None:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+async def read_body(http_request: Request, max_bytes: int) -> bytes:
+    """The body, refused as soon as it is known to exceed `max_bytes` (declared or streamed)."""
+    declared = http_request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestTooLargeError(f"request body is {declared} bytes; at most {max_bytes} are accepted")
+    chunks, size = [], 0
+    async for chunk in http_request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestTooLargeError(f"request body is over {max_bytes} bytes, the most accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_content_type(http_request: Request) -> None:
+    media_type = http_request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(f"send the request as application/json, not {media_type or 'no content type'}")
 
 
 def validation_message(error: ValidationError) -> str:
@@ -65,17 +126,39 @@ async def http_error(_: Request, error: HTTPException) -> JSONResponse:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Sam3Ingress:
-    def __init__(self, preprocessor: DeploymentHandle, model_pool: DeploymentHandle, postprocessor: DeploymentHandle):
+    def __init__(
+        self,
+        preprocessor: DeploymentHandle,
+        model_pool: DeploymentHandle,
+        postprocessor: DeploymentHandle,
+        args: AppArgs,
+    ):
         self.preprocessor = preprocessor
         self.model_pool = model_pool
         self.postprocessor = postprocessor
+        self.api_key = load_api_key(args)
+        self.max_body_bytes = args.max_body_bytes
+        self.retry_after_s = args.retry_after_s
 
     async def segment(self, request: SegmentRequest) -> SegmentResponse:
-        """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s."""
-        prepared = self.preprocessor.prepare.remote(request)
+        """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s.
+
+        The caller's `timeout_s` becomes a deadline that travels with the request: the model pool drops
+        work still queued past it, and here the whole chain is cancelled when it runs out or when the
+        caller goes away (a closed HTTP connection cancels this coroutine).
+        """
+        deadline = time.time() + request.timeout_s if request.timeout_s else None
+        prepared = self.preprocessor.prepare.remote(request, deadline)
         result = self.model_pool.run.remote(prepared)
+        final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
         try:
-            return await self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
+            return await asyncio.wait_for(final, timeout=request.timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as stopped:
+            for response in (prepared, result, final):
+                response.cancel()
+            if isinstance(stopped, asyncio.CancelledError):
+                raise
+            raise RequestTimeoutError(f"no answer within the request's timeout of {request.timeout_s} s") from None
         except Exception as error:
             raise as_sam3_error(error) from None
 
@@ -91,15 +174,22 @@ class Sam3Ingress:
         },
     )
     async def segment_http(self, http_request: Request) -> Response:
-        """Parses the body itself: the image is base64 in JSON, which only `model_validate_json` decodes."""
+        """Checks the key, then the body, before anything else runs.
+
+        Parses the body itself: the image is base64 in JSON, which only `model_validate_json` decodes.
+        """
         try:
-            request = SegmentRequest.model_validate_json(await http_request.body())
-        except ValidationError as error:
-            return error_response(InvalidRequestError(validation_message(error)))
-        try:
+            if not is_authorized(http_request.headers.get("authorization"), self.api_key):
+                raise AuthenticationError("missing or wrong API key: send `Authorization: Bearer <key>`")
+            check_content_type(http_request)
+            body = await read_body(http_request, self.max_body_bytes)
+            try:
+                request = SegmentRequest.model_validate_json(body)
+            except ValidationError as error:
+                raise InvalidRequestError(validation_message(error)) from None
             response = await self.segment(request)
         except Sam3Error as error:
-            return error_response(error)
+            return error_response(error, self.retry_after_s)
         return Response(response.model_dump_json(), media_type="application/json")
 
     @app.get(HEALTH_PATH, response_model=HealthResponse)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from ray import serve
 from ray.serve.metrics import Histogram
 
+from client.errors import RequestTimeoutError, ServiceUnavailableError
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import prepare_item
@@ -77,6 +79,17 @@ class Sam3ModelPool:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run_batch(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
+        """Items whose caller stopped waiting while they queued are answered with a timeout, not run."""
+        now = time.time()
+        expired = [item.deadline is not None and item.deadline <= now for item in items]
+        live = [item for item, gone in zip(items, expired) if not gone]
+        results = iter(await self._run_live(live) if live else [])
+        return [
+            RequestTimeoutError("the request's time budget ran out before the model ran it") if gone else next(results)
+            for gone in expired
+        ]
+
+    async def _run_live(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
         self.batch_sizes[len(items)] += 1
         self.batch_size_metric.observe(len(items))
         return await asyncio.to_thread(self._run_items, items)
@@ -86,7 +99,7 @@ class Sam3ModelPool:
             return self._results(items, self.runner.run(items))
         except Exception as error:
             if len(items) == 1:
-                return [error]
+                return [self._typed(error)]
             logger.warning("batch of %d failed (%r): running its items one at a time", len(items), error)
             self._release_cached_memory()
         return [self._run_items([item])[0] for item in items]
@@ -94,6 +107,13 @@ class Sam3ModelPool:
     @staticmethod
     def _results(items: list[PreparedItem], outputs: list[list[RawOutput]]) -> list[ModelResult]:
         return [ModelResult(item.original_size, item_outputs) for item, item_outputs in zip(items, outputs)]
+
+    def _typed(self, error: Exception) -> Exception:
+        """Running out of memory on a single request is the replica's state, not the request's fault."""
+        if isinstance(error, torch.OutOfMemoryError):
+            self._release_cached_memory()
+            return ServiceUnavailableError("the model replica ran out of memory on this request: retry later")
+        return error
 
     def _release_cached_memory(self) -> None:
         if self.models.device.type == "cuda":

@@ -21,8 +21,9 @@ class Sam3Preprocessor:
         self.tokenizer = load_tokenizer(args.checkpoint)
         self.geometry = load_geometry(args.checkpoint)
         self.max_image_pixels = args.max_image_pixels
+        self.max_prompt_items = args.max_prompt_items
 
-    def _prepare(self, request: SegmentRequest) -> PreparedItem:
+    def _prepare(self, request: SegmentRequest, deadline: float | None) -> PreparedItem:
         return prepare_item(
             request.image,
             tokenizer=self.tokenizer,
@@ -32,8 +33,10 @@ class Sam3Preprocessor:
             boxes=request.boxes,
             labels=request.labels,
             max_image_pixels=self.max_image_pixels,
+            max_prompt_items=self.max_prompt_items,
+            deadline=deadline,
         )
 
-    async def prepare(self, request: SegmentRequest) -> PreparedItem:
+    async def prepare(self, request: SegmentRequest, deadline: float | None = None) -> PreparedItem:
         """Decoding is CPU-bound: a worker thread keeps the replica's event loop free for new requests."""
-        return await asyncio.to_thread(self._prepare, request)
+        return await asyncio.to_thread(self._prepare, request, deadline)

@@ -26,6 +26,8 @@ def prepare_item(
     boxes=None,
     labels=None,
     max_image_pixels: int | None = None,
+    max_prompt_items: int | None = None,
+    deadline: float | None = None,
 ) -> PreparedItem:
     """Decode and validate one request and turn it into model inputs (CPU only, no weights needed)."""
     rgb = decode_image(image, max_pixels=max_image_pixels)
@@ -40,9 +42,13 @@ def prepare_item(
         model_size=geometry.image_size,
         height=height,
         width=width,
+        max_items=max_prompt_items,
     )
     return PreparedItem(
-        pixels=resize_to_model(rgb, geometry.image_size), original_size=(height, width), prompts=[prompt]
+        pixels=resize_to_model(rgb, geometry.image_size),
+        original_size=(height, width),
+        prompts=[prompt],
+        deadline=deadline,
     )
 
 

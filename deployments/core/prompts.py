@@ -152,8 +152,13 @@ def build_prompt(
     model_size: int,
     height: int,
     width: int,
+    max_items: int | None = None,
 ) -> Prompt:
-    """Exactly one of text, points or boxes (the last two with labels) to a model prompt."""
+    """Exactly one of text, points or boxes (the last two with labels) to a model prompt.
+
+    Points and boxes may lie partly or wholly outside the image: they are used as given, neither clipped
+    nor refused, as transformers' processors use them. `max_items` bounds how many one prompt may hold.
+    """
     given = [name for name, value in (("text", text), ("points", points), ("boxes", boxes)) if value is not None]
     if len(given) != 1:
         raise InvalidPromptError(
@@ -167,9 +172,17 @@ def build_prompt(
         raise InvalidPromptError(f"{given[0]} need labels: one per item, 1 = foreground, 0 = background")
     if boxes is not None:
         boxes_cxcywh, box_labels = box_exemplars(boxes, labels, height, width)
+        _check_count(len(box_labels), "boxes", max_items)
         return ConceptPrompt(
             text=tokenize(tokenizer, BOXES_ONLY_TEXT, text_max_tokens),
             boxes_cxcywh=boxes_cxcywh,
             box_labels=box_labels,
         )
-    return PointPrompt(*scale_points(points, labels, height, width, model_size))
+    scaled_points, point_labels = scale_points(points, labels, height, width, model_size)
+    _check_count(len(point_labels), "points", max_items)
+    return PointPrompt(scaled_points, point_labels)
+
+
+def _check_count(count: int, name: str, max_items: int | None) -> None:
+    if max_items is not None and count > max_items:
+        raise InvalidPromptError(f"{count} {name} given; at most {max_items} are accepted per request")

@@ -33,6 +33,7 @@ class PreparedItem:
     pixels: np.ndarray  # uint8 [3, S, S]
     original_size: tuple[int, int]  # (H, W) after EXIF orientation
     prompts: list[Prompt]
+    deadline: float | None = None  # time.time() after which nobody waits for the answer
 
 
 @dataclass

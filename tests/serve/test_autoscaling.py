@@ -6,9 +6,7 @@ pool grows and shrinks must succeed.
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,44 +14,10 @@ from ray import serve
 
 from client import Sam3HttpClient
 from tests.conftest import random_image
+from tests.serve.load import LoadGenerator
 from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run
 
 IMAGE = random_image(90, 130, seed=3)
-
-
-class LoadGenerator:
-    """Keeps `concurrency` callers sending requests until stopped; counts answers and failures."""
-
-    def __init__(self, client: Sam3HttpClient, expected: np.ndarray):
-        self.client = client
-        self.expected = expected
-        self.answered = 0
-        self.failures: list[BaseException] = []
-        self.concurrency = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=16)
-
-    def _caller(self, index: int) -> None:
-        while not self._stop.is_set() and index < self.concurrency:
-            try:
-                mask = self.client.run(IMAGE, text="a red car")
-                assert np.array_equal(mask, self.expected), "a request got a wrong answer"
-                with self._lock:
-                    self.answered += 1
-            except BaseException as error:  # noqa: BLE001 - every failure is recorded and asserted on
-                with self._lock:
-                    self.failures.append(error)
-
-    def set_concurrency(self, concurrency: int) -> None:
-        """Callers above `concurrency` finish their current request and stop; new ones start."""
-        previous, self.concurrency = self.concurrency, concurrency
-        for index in range(previous, concurrency):
-            self._pool.submit(self._caller, index)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=True)
 
 
 def wait_for_replicas(count: int, timeout_s: float) -> float:
@@ -84,7 +48,8 @@ def test_model_pool_scales_up_and_back_down_without_losing_requests(ray_address,
     try:
         assert replica_count("Sam3ModelPool") == 1
         with Sam3HttpClient(base_url, timeout=60) as client:
-            load = LoadGenerator(client, expected=client.run(IMAGE, text="a red car"))
+            expected = client.run(IMAGE, text="a red car")
+            load = LoadGenerator(lambda: np.array_equal(client.run(IMAGE, text="a red car"), expected))
             try:
                 load.set_concurrency(12)
                 up_s = wait_for_replicas(2, timeout_s=120)
@@ -100,6 +65,7 @@ def test_model_pool_scales_up_and_back_down_without_losing_requests(ray_address,
             f"{load.answered} requests answered ({answered_at_peak} by the scale-up), {len(load.failures)} failed"
         )
         assert not load.failures, load.failures[:3]
+        assert load.wrong == 0, "a request got a wrong answer"
         assert load.answered > answered_at_peak > 0
     finally:
         serve.delete(APP_NAME)

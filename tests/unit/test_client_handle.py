@@ -8,8 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ray.exceptions import GetTimeoutError, RayTaskError
-from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
 
 from client import handle_client
 from client.errors import (
@@ -26,6 +31,8 @@ from client.errors import (
 from client.handle_client import Sam3HandleClient
 from client.protocol import SegmentRequest, SegmentResponse
 from client.rle import encode_mask
+from deployments.errors import as_sam3_error as server_error
+from tests.unit.test_client_retry import FakeClock
 
 MASK = np.triu(np.full((3, 5), 255, np.uint8))
 RESPONSE = SegmentResponse(
@@ -45,7 +52,8 @@ class FakeHandle:
     def __init__(self) -> None:
         self.requests: list[SegmentRequest] = []
         self.timeouts: list[float | None] = []
-        self.outcome: Any = RESPONSE  # what `.result()` returns, or raises if it is an exception
+        self.failures: list[BaseException] = []  # raised by the first calls, in turn
+        self.outcome: Any = RESPONSE  # what `.result()` returns then, or raises if it is an exception
         self.segment = self
 
     def remote(self, request: SegmentRequest) -> FakeHandle:
@@ -54,6 +62,8 @@ class FakeHandle:
 
     def result(self, *, timeout_s: float | None) -> SegmentResponse:
         self.timeouts.append(timeout_s)
+        if self.failures:
+            raise self.failures.pop(0)
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
@@ -78,8 +88,20 @@ def lookups(monkeypatch, handle) -> list[str]:
 
 
 @pytest.fixture
-def client(lookups) -> Sam3HandleClient:
-    return Sam3HandleClient("my-sam3")
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def fake_client(clock: FakeClock, app_name: str = "my-sam3", **kwargs) -> Sam3HandleClient:
+    """A client whose retries wait on the fake clock."""
+    client = Sam3HandleClient(app_name, **kwargs)
+    client._sleep, client._clock = clock.sleep, clock.clock
+    return client
+
+
+@pytest.fixture
+def client(lookups, clock) -> Sam3HandleClient:
+    return fake_client(clock)
 
 
 IMAGE = np.zeros((3, 5, 3), np.uint8)
@@ -123,6 +145,7 @@ def test_per_call_timeout_overrides_the_default(lookups, handle):
     client.run(IMAGE, text="cat")
     client.run(IMAGE, text="cat", timeout=2.0)
     assert handle.timeouts == [30.0, 2.0]
+    assert [request.timeout_s for request in handle.requests] == [30.0, 2.0]
 
 
 @pytest.mark.parametrize(
@@ -157,6 +180,12 @@ def test_a_ray_task_error_is_mapped_back_to_the_replicas_error(client, handle):
         (PromptTooLongError("too many tokens"), PromptTooLongError),
         (ServiceUnavailableError("busy"), ServiceUnavailableError),
         (BackPressureError(num_queued_requests=10, max_queued_requests=10), ServiceUnavailableError),
+        (RayActorError(), ServiceUnavailableError),
+        (ActorDiedError(), ServiceUnavailableError),
+        (ActorUnavailableError("node lost", None), ServiceUnavailableError),
+        (DeploymentUnavailableError("Sam3Model"), ServiceUnavailableError),
+        (ReplicaUnavailableError("replica-1"), ServiceUnavailableError),
+        (RayTaskError("segment", "", ActorDiedError()), ServiceUnavailableError),
         (GetTimeoutError("timed out"), RequestTimeoutError),
         (TimeoutError("timed out"), RequestTimeoutError),
         (RuntimeError("boom"), Sam3Error),
@@ -169,6 +198,53 @@ def test_call_errors_become_typed_errors(client, handle, error, error_type):
         client.run(IMAGE, text="cat")
     assert type(raised.value) is error_type
     assert raised.value.__cause__ is error
+
+
+def test_the_server_answers_unavailable_replicas_as_503():
+    error = server_error(ReplicaUnavailableError("replica-1"))
+    assert type(error) is ServiceUnavailableError and error.http_status == 503
+    assert "Replica replica-1 is no longer available" in error.message
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        BackPressureError(num_queued_requests=10, max_queued_requests=10),
+        RayActorError(),
+        ActorDiedError(),
+        ReplicaUnavailableError("replica-1"),
+        ServiceUnavailableError("busy"),
+    ],
+)
+def test_unavailable_replicas_are_retried(client, handle, clock, failure):
+    handle.failures = [failure]
+    np.testing.assert_array_equal(client.run(IMAGE, text="cat"), MASK)
+    assert len(handle.requests) == 2 and len(clock.sleeps) == 1
+    assert handle.timeouts == [60.0, 60.0 - clock.sleeps[0]]
+    assert [request.timeout_s for request in handle.requests] == handle.timeouts
+
+
+def test_back_pressure_retry_after_is_honoured(client, handle, clock):
+    handle.failures = [BackPressureError(num_queued_requests=10, max_queued_requests=10, retry_after_s=2.5)]
+    client.run(IMAGE, text="cat")
+    assert clock.sleeps == [2.5]
+
+
+@pytest.mark.parametrize("failure", [GetTimeoutError("timed out"), InvalidPromptError("bad"), RuntimeError("boom")])
+def test_other_errors_are_not_retried(client, handle, clock, failure):
+    handle.outcome = failure
+    with pytest.raises(Sam3Error):
+        client.run(IMAGE, text="cat")
+    assert len(handle.requests) == 1 and clock.sleeps == []
+
+
+def test_retries_run_out_and_can_be_turned_off(lookups, handle, clock):
+    handle.outcome = RayActorError()
+    for retries in (3, 0):
+        handle.requests.clear()
+        with pytest.raises(ServiceUnavailableError):
+            fake_client(clock, retries=retries).run(IMAGE, text="cat")
+        assert len(handle.requests) == retries + 1
 
 
 def test_unexpected_errors_keep_their_message(client, handle):

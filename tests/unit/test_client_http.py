@@ -26,6 +26,7 @@ from client.errors import (
 from client.http_client import Sam3HttpClient
 from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, SegmentRequest, SegmentResponse
 from client.rle import encode_mask
+from tests.unit.test_client_retry import FakeClock
 
 BASE_URL = "http://sam3.test"
 IMAGE_URL = "https://images.test/cat.png"
@@ -89,8 +90,20 @@ def service() -> FakeService:
 
 
 @pytest.fixture
-def client(service: FakeService) -> Sam3HttpClient:
-    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service)) as client:
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def fake_client(service: FakeService, clock: FakeClock, **kwargs) -> Sam3HttpClient:
+    """A client of the fake service whose retries wait on the fake clock."""
+    client = Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service), **kwargs)
+    client._sleep, client._clock = clock.sleep, clock.clock
+    return client
+
+
+@pytest.fixture
+def client(service: FakeService, clock: FakeClock) -> Sam3HttpClient:
+    with fake_client(service, clock) as client:
         yield client
 
 
@@ -110,7 +123,9 @@ def test_run_posts_json_with_the_file_bytes_as_they_are(client, service, image_f
     assert request.method == "POST"
     assert str(request.url) == f"{BASE_URL}/v1/segment"
     assert request.headers["content-type"] == "application/json"
-    assert service.sent() == SegmentRequest(image=image_file.read_bytes(), text="cat", return_detections=False)
+    assert service.sent() == SegmentRequest(
+        image=image_file.read_bytes(), text="cat", return_detections=False, timeout_s=60.0
+    )
 
 
 def test_a_str_path_and_bytes_are_sent_as_they_are(client, service, image_file):
@@ -202,6 +217,14 @@ def test_per_call_timeout_overrides_the_default(service, image_file):
     default_call, override_call = service.api_requests
     assert default_call.extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), 12.0)
     assert override_call.extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), 3.5)
+    assert [SegmentRequest.model_validate_json(call.content).timeout_s for call in service.api_requests] == [12.0, 3.5]
+
+
+def test_no_timeout_sends_no_budget(service, image_file):
+    with Sam3HttpClient(BASE_URL, timeout=None, transport=httpx.MockTransport(service)) as client:
+        client.run(image_file, text="cat")
+    assert service.sent().timeout_s is None
+    assert service.api_requests[0].extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), None)
 
 
 @pytest.mark.parametrize("route_prefix", ["/sam3", "sam3/", "/sam3/"])
@@ -298,14 +321,13 @@ def test_non_json_error_bodies_are_typed_by_status(client, service, image_file, 
         (httpx.RemoteProtocolError("peer closed connection"), ConnectionFailedError),
     ],
 )
-def test_transport_failures_become_typed_errors(service, image_file, transport_error, error_type):
+def test_transport_failures_become_typed_errors(client, service, image_file, transport_error, error_type):
     def fail(_: httpx.Request) -> httpx.Response:
         raise transport_error
 
     service.segment = fail
-    with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service)) as client:
-        with pytest.raises(error_type) as raised:
-            client.run(image_file, text="cat")
+    with pytest.raises(error_type) as raised:
+        client.run(image_file, text="cat")
     assert BASE_URL in raised.value.message
     assert raised.value.__cause__ is transport_error
 
@@ -314,6 +336,128 @@ def test_a_malformed_success_body_is_a_sam3_error(client, service, image_file):
     service.segment = lambda _: httpx.Response(200, json={"not": "a response"})
     with pytest.raises(Sam3Error, match="malformed response"):
         client.run(image_file, text="cat")
+
+
+# Retries: only "try again later" answers, within the caller's timeout
+
+
+def answers(*responses: httpx.Response | Exception) -> Callable[[httpx.Request], httpx.Response]:
+    """A segment endpoint that gives these answers in turn, then the normal response."""
+    pending = list(responses)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if not pending:
+            return httpx.Response(200, content=masks_and_response()[1].model_dump_json())
+        outcome = pending.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return answer
+
+
+def budgets(service: FakeService) -> list[tuple[float | None, float | None]]:
+    """Each segment request's `timeout_s` and its httpx read timeout."""
+    return [
+        (SegmentRequest.model_validate_json(request.content).timeout_s, request.extensions["timeout"]["read"])
+        for request in service.api_requests
+    ]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.Response(503, text="starting"),
+        httpx.Response(429, text="slow down"),
+        httpx.Response(503, content=error_body("unavailable", "busy")),
+        httpx.ConnectError("connection refused"),
+        httpx.RemoteProtocolError("peer closed connection"),
+    ],
+)
+def test_unavailable_and_unreachable_are_retried(client, service, clock, image_file, failure):
+    service.segment = answers(failure)
+    (left, right), _ = masks_and_response()
+    np.testing.assert_array_equal(client.run(image_file, text="cat"), left | right)
+    assert len(service.api_requests) == 2 and len(clock.sleeps) == 1
+    first, second = (SegmentRequest.model_validate_json(request.content) for request in service.api_requests)
+    assert second == first.model_copy(update={"timeout_s": 60.0 - clock.sleeps[0]})
+
+
+def test_retry_after_is_honoured(client, service, clock, image_file):
+    service.segment = answers(httpx.Response(503, headers={"retry-after": "3"}, text="starting"))
+    client.run(image_file, text="cat")
+    assert clock.sleeps == [3.0]
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"), [("30", 2.0, 2.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0, 0.5), ("-1", 0, 0.5)]
+)
+def test_retry_after_is_capped_and_only_seconds_count(service, clock, image_file, retry_after, low, high):
+    service.segment = answers(httpx.Response(503, headers={"retry-after": retry_after}, text="starting"))
+    with fake_client(service, clock, backoff_s=0.5, max_backoff_s=2.0) as client:
+        client.run(image_file, text="cat")
+    (delay,) = clock.sleeps
+    assert low <= delay <= high
+
+
+def test_retries_exhausted_raise_the_last_typed_error(client, service, clock, image_file):
+    service.segment = answers(*[httpx.Response(503, content=error_body("unavailable", f"busy {n}")) for n in range(5)])
+    with pytest.raises(ServiceUnavailableError, match="busy 3"):
+        client.run(image_file, text="cat")
+    assert len(service.api_requests) == 4 and len(clock.sleeps) == 3
+    assert all(0 <= delay <= min(4.0, 0.25 * 2**n) for n, delay in enumerate(clock.sleeps))
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 408, 413, 422, 500, 502, 504])
+def test_other_errors_are_not_retried(client, service, clock, image_file, status):
+    service.segment = answers(httpx.Response(status, headers={"retry-after": "1"}, text="no"))
+    with pytest.raises(Sam3Error):
+        client.run(image_file, text="cat")
+    assert len(service.api_requests) == 1 and clock.sleeps == []
+
+
+def test_a_timeout_is_not_retried(client, service, clock, image_file):
+    service.segment = answers(httpx.ReadTimeout("read timed out"))
+    with pytest.raises(RequestTimeoutError):
+        client.run(image_file, text="cat")
+    assert len(service.api_requests) == 1 and clock.sleeps == []
+
+
+def test_retries_0_sends_once(service, clock, image_file):
+    service.segment = answers(httpx.Response(503, text="starting"))
+    with fake_client(service, clock, retries=0) as client:
+        with pytest.raises(ServiceUnavailableError):
+            client.run(image_file, text="cat")
+    assert len(service.api_requests) == 1 and clock.sleeps == []
+
+
+def test_each_attempt_carries_the_time_left(service, clock, image_file, monkeypatch):
+    monkeypatch.setattr("random.uniform", lambda low, high: high)
+
+    def slow_unavailable(_: httpx.Request) -> httpx.Response:
+        clock.now += 0.25
+        return httpx.Response(503, text="starting")
+
+    service.segment = slow_unavailable
+    with fake_client(service, clock, timeout=4.0, backoff_s=0.25) as client:
+        with pytest.raises(ServiceUnavailableError):
+            client.run(image_file, text="cat")
+    assert clock.sleeps == [0.25, 0.5, 1.0]
+    assert budgets(service) == [(4.0, 4.0), (3.5, 3.5), (2.75, 2.75), (1.5, 1.5)]
+
+
+def test_no_retry_runs_past_the_timeout(service, clock, image_file):
+    def slow_unavailable(_: httpx.Request) -> httpx.Response:
+        clock.now += 0.25
+        return httpx.Response(503, headers={"retry-after": "0.25"}, text=f"starting at {clock.now}")
+
+    service.segment = slow_unavailable
+    with fake_client(service, clock, timeout=1.0, backoff_s=0.125) as client:
+        # 0.25 s attempt, 0.25 s wait, 0.25 s attempt; one more wait would end at the deadline
+        with pytest.raises(ServiceUnavailableError, match="starting at 0.75"):
+            client.run(image_file, text="cat")
+    assert clock.sleeps == [0.25]
+    assert budgets(service) == [(1.0, 1.0), (0.5, 0.5)]
 
 
 def test_health(client, service):
@@ -400,6 +544,13 @@ def test_bad_images_are_refused(client, service, image_input, message):
 def test_bad_prompts_are_refused(client, service, image_file, kwargs, message):
     with pytest.raises(InvalidPromptError, match=message):
         client.run(image_file, **kwargs)
+    assert service.requests == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan")])
+def test_non_positive_timeouts_are_refused(client, service, image_file, timeout):
+    with pytest.raises(InvalidRequestError, match="timeout must be a positive number"):
+        client.run(image_file, text="cat", timeout=timeout)
     assert service.requests == []
 
 

@@ -1,0 +1,74 @@
+"""Retries for both clients' transport: capped exponential backoff with full jitter, within the caller's timeout.
+
+Only errors that say "try again later" are retried: `ServiceUnavailableError` (HTTP 503/429, Serve's
+back-pressure, a dead or unavailable replica) and `ConnectionFailedError`. A timeout is not: its budget is spent.
+An error may carry `retry_after_s` (the server's `Retry-After`), which sets a floor for the next delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from client.errors import ConnectionFailedError, ServiceUnavailableError
+
+logger = logging.getLogger("client")
+
+T = TypeVar("T")
+
+RETRYABLE_ERRORS = (ServiceUnavailableError, ConnectionFailedError)
+_MAX_DOUBLINGS = 1000  # 2.0 ** 1024 overflows a float; no call retries that often
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many retries and how long between them; `retries=0` sends each request once (for non-idempotent use)."""
+
+    retries: int = 3
+    backoff_s: float = 0.25
+    max_backoff_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or not 0 <= self.backoff_s < math.inf or not 0 <= self.max_backoff_s < math.inf:
+            raise ValueError(f"retries, backoff_s and max_backoff_s must be finite and >= 0: {self}")
+
+    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Full jitter spreads out clients that failed together; a server's Retry-After is a floor, still capped."""
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2.0 ** min(attempt, _MAX_DOUBLINGS))
+        delay = random.uniform(0, ceiling)
+        if retry_after_s is not None:
+            delay = max(delay, retry_after_s)
+        return min(delay, self.max_backoff_s)
+
+
+def call_with_retries(
+    attempt: Callable[[float | None], T],
+    *,
+    policy: RetryPolicy,
+    timeout: float | None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """`attempt(remaining_s)` until it succeeds or fails for good; no retry starts that would end past `timeout`."""
+    deadline = None if timeout is None else clock() + timeout
+    remaining, retry = timeout, 0
+    while True:
+        try:
+            return attempt(remaining)
+        except RETRYABLE_ERRORS as error:
+            delay = policy.delay(retry, getattr(error, "retry_after_s", None))
+            if retry >= policy.retries or (deadline is not None and clock() + delay >= deadline):
+                raise
+            logger.info(
+                "retry %d/%d in %.3f s after %s: %s", retry + 1, policy.retries, delay, type(error).__name__, error
+            )
+            sleep(delay)
+            if deadline is not None:
+                remaining = deadline - clock()
+                if remaining <= 0:  # the sleep overran the deadline
+                    raise
+        retry += 1
