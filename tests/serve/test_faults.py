@@ -137,3 +137,36 @@ def test_live_redeploys_lose_no_request(app, ray_address, tmp_path):
     assert load.answered > answered_after_batch_change > 0
     assert serve.status().applications[APP_NAME].deployments["Sam3ModelPool"].status == "HEALTHY"
     assert not np.array_equal(after, before), "the new checkpoint's weights answer now"
+
+
+def test_a_full_queue_answers_503_with_retry_after(app, ray_address):
+    """A bounded ingress queue: overflow is an immediate 503 with Retry-After, which clients retry."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from PIL import Image
+
+    url, config, path = app
+    deployment(config, "Sam3Ingress").update(max_ongoing_requests=2, max_queued_requests=2)
+    deployment(config, "Sam3ModelPool")["user_config"] = {"max_batch_size": 2, "batch_wait_timeout_s": 0.2}
+    serve_run(config, path, ray_address)
+    wait_until_recovered()
+    buffer = io.BytesIO()
+    Image.fromarray(IMAGE).save(buffer, format="PNG")
+    body = {"image": __import__("base64").b64encode(buffer.getvalue()).decode(), "text": "a red car"}
+
+    with ThreadPoolExecutor(max_workers=24) as threads:
+        responses = list(threads.map(lambda _: httpx.post(f"{url}/v1/segment", json=body, timeout=60), range(24)))
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    rejected = [response for response in responses if response.status_code == 503]
+    assert rejected and 200 in statuses, statuses
+    for response in rejected:
+        assert response.headers["Retry-After"] == "1"
+
+    with Sam3HttpClient(url, timeout=120, retries=20, backoff_s=0.2, max_backoff_s=2.0) as client:
+        with ThreadPoolExecutor(max_workers=24) as threads:
+            masks = list(threads.map(lambda _: client.run(IMAGE, text="a red car"), range(24)))
+    assert all(mask.shape == IMAGE.shape[:2] for mask in masks)
+    print(f"full queue: {len(rejected)} of 24 rejected with 503 + Retry-After; with retries all 24 answered")
