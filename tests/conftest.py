@@ -59,7 +59,8 @@ def ray_address():
     # Token authentication protects Ray's control plane, not the Serve HTTP port; tests run without it,
     # and say so explicitly rather than depend on the Ray version's default.
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    context = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new instance, never attached to another Ray running on this machine.
+    context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield context.address_info["gcs_address"]
     if ray.is_initialized():
         serve.shutdown()
