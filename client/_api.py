@@ -8,6 +8,7 @@ Arguments become a `SegmentRequest` after cheap checks (the server re-validates 
 from __future__ import annotations
 
 import time
+import math
 from abc import ABC, abstractmethod
 from typing import Any, NamedTuple, Sequence
 
@@ -228,6 +229,8 @@ def _check_coordinates(name: str, items: Any) -> None:
         raise InvalidPromptError(f"{name} must be a non-empty list of {prompt.shape}")
     if any(not isinstance(item, (list, tuple)) or len(item) != prompt.size for item in items):
         raise InvalidPromptError(f"each {prompt.singular} must be {prompt.shape} ({prompt.size} numbers): {items!r}")
+    if any(isinstance(value, float) and not math.isfinite(value) for item in items for value in item):
+        raise InvalidPromptError(f"{name} must be finite numbers (no NaN or infinity): {items!r}")
 
 
 def _check_labels(name: str, count: int, labels: Any) -> None:

@@ -93,13 +93,28 @@ def _as_labels(labels, count: int, name: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _check_near_image(coordinates: np.ndarray, name: str, height: int, width: int) -> None:
+    """Refuse coordinates more than one image size outside the image.
+
+    Such prompts mean nothing, and extreme ones crash the model's box pooling (`roi_align`) or overflow
+    float32 to infinity once scaled.
+    """
+    xs, ys = coordinates[:, 0::2], coordinates[:, 1::2]
+    if (xs < -width).any() or (xs > 2 * width).any() or (ys < -height).any() or (ys > 2 * height).any():
+        raise InvalidPromptError(
+            f"{name} must lie within one image size of the {width}x{height} image "
+            f"(x in [{-width}, {2 * width}], y in [{-height}, {2 * height}])"
+        )
+
+
 def box_exemplars(boxes_xyxy, labels, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel xyxy boxes to the normalized cxcywh exemplars `Sam3Model` takes, with their labels.
 
-    Boxes must have positive area; coordinates outside the image are kept as given (the model's box
-    encoder accepts them and `Sam3Processor` does not clip either).
+    Boxes must have positive area. Coordinates outside the image are kept as given (`Sam3Processor`
+    does not clip either) up to one image size beyond each edge, and refused further out.
     """
     boxes = _as_array(boxes_xyxy, "boxes", 4)
+    _check_near_image(boxes, "boxes", height, width)
     box_labels = _as_labels(labels, boxes.shape[0], "box labels")
     if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
         raise InvalidPromptError("each box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
@@ -119,6 +134,7 @@ def scale_points(points_xy, labels, height: int, width: int, model_size: int) ->
     divided in float32), which on some widths is one ulp off the correctly rounded `size / W`.
     """
     points = _as_array(points_xy, "points", 2)
+    _check_near_image(points, "points", height, width)
     point_labels = _as_labels(labels, points.shape[0], "point labels")
     scaled = torch.from_numpy(points)
     scaled[..., 0] = scaled[..., 0] * (model_size / torch.tensor(width))
@@ -156,8 +172,9 @@ def build_prompt(
 ) -> Prompt:
     """Exactly one of text, points or boxes (the last two with labels) to a model prompt.
 
-    Points and boxes may lie partly or wholly outside the image: they are used as given, neither clipped
-    nor refused, as transformers' processors use them. `max_items` bounds how many one prompt may hold.
+    Points and boxes outside the image are used as given (neither clipped nor refused, as transformers'
+    processors use them) up to one image size beyond each edge. `max_items` bounds how many one prompt
+    may hold.
     """
     given = [name for name, value in (("text", text), ("points", points), ("boxes", boxes)) if value is not None]
     if len(given) != 1:

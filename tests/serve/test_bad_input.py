@@ -152,12 +152,17 @@ def test_not_a_number_in_json(http):
     assert response.json()["error"]["code"] in ("invalid_request", "invalid_prompt")
 
 
-def test_coordinates_outside_the_image_are_used_as_given(http):
-    """Documented choice: like transformers, points and boxes outside the image are neither clipped nor refused."""
-    response = post(http, {"image": image_b64(), "boxes": [[-20, -10, 500, 400]], "labels": [1]})
+def test_coordinates_outside_the_image(http):
+    """Documented choice: like transformers, coordinates outside the image are used as given, not clipped,
+    up to one image size beyond each edge; further out they are refused (they crash box pooling)."""
+    response = post(http, {"image": image_b64(), "boxes": [[-20, -10, 150, 110]], "labels": [1]})
     assert response.status_code == 200, response.text
-    response = post(http, {"image": image_b64(), "points": [[-5, 1000]], "labels": [0]})
+    response = post(http, {"image": image_b64(), "points": [[-5, 110]], "labels": [0]})
     assert response.status_code == 200, response.text
+    for far in ({"boxes": [[0, 0, 1e20, 1]], "labels": [1]}, {"points": [[3.4e38, 0.5]], "labels": [1]}):
+        response = post(http, {"image": image_b64(), **far})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "invalid_prompt"
 
 
 @pytest.mark.parametrize(

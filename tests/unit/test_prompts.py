@@ -138,18 +138,24 @@ def test_tokenize_non_string_raises(tokenizer, text):
 
 # --- box_exemplars -------------------------------------------------------------------------------
 
+# In fractions of the image's width and height, scaled to each image size by `in_pixels`.
 BOX_CASES = [
-    ([[1, 2, 30, 20]], [1]),
-    ([[0, 0, 60, 40]], [0]),
-    ([[1.5, 2.25, 30.75, 20.125], [5, 5, 6, 6], [0.1, 0.2, 0.3, 0.4]], [1, 0, 1]),
-    # Outside the image: accepted and not clipped.
-    ([[-5, -3, 70, 45], [100, 200, 300, 400]], [1, 1]),
+    ([[1 / 60, 2 / 40, 30 / 60, 20 / 40]], [1]),
+    ([[0, 0, 1, 1]], [0]),
+    ([[1.5 / 60, 2.25 / 40, 30.75 / 60, 20.125 / 40], [5 / 60, 5 / 40, 6 / 60, 6 / 40], [0.1, 0.2, 0.3, 0.4]], [1, 0, 1]),
+    # Outside the image, within one image size of it: accepted and not clipped.
+    ([[-0.1, -0.08, 1.2, 1.1], [-1.0, -0.5, 2.0, 1.9]], [1, 1]),
 ]
+
+
+def in_pixels(fractions, height: int, width: int) -> list[list[float]]:
+    return [[value * (width if axis % 2 == 0 else height) for axis, value in enumerate(item)] for item in fractions]
 
 
 @pytest.mark.parametrize("height,width", IMAGE_SIZES)
 @pytest.mark.parametrize("boxes,labels", BOX_CASES)
 def test_box_exemplars_match_processor(processor, height, width, boxes, labels):
+    boxes = in_pixels(boxes, height, width)
     cxcywh, out_labels = box_exemplars(boxes, labels, height, width)
     expected = processor(
         images=_image(height, width), input_boxes=[boxes], input_boxes_labels=[labels], return_tensors="pt"
@@ -175,9 +181,23 @@ def test_box_exemplars_accepts_arrays(processor, as_type):
 
 
 def test_box_exemplars_outside_image_not_clipped():
-    cxcywh, _ = box_exemplars([[-20, -10, 120, 90]], [1], 40, 60)
-    np.testing.assert_allclose(cxcywh[0], [50 / 60, 40 / 40, 140 / 60, 100 / 40], rtol=1e-6)
+    cxcywh, _ = box_exemplars([[-20, -10, 110, 70]], [1], 40, 60)
+    np.testing.assert_allclose(cxcywh[0], [45 / 60, 30 / 40, 130 / 60, 80 / 40], rtol=1e-6)
     assert cxcywh[0, 2] > 1 and cxcywh[0, 3] > 1
+
+
+@pytest.mark.parametrize(
+    "boxes", [[[0, 0, 121, 10]], [[-61, 0, 10, 10]], [[0, -41, 10, 10]], [[0, 0, 10, 81]], [[0, 0, 1e20, 1]]]
+)
+def test_box_exemplars_far_outside_the_image_are_refused(boxes):
+    with pytest.raises(InvalidPromptError, match="within one image size"):
+        box_exemplars(boxes, [1], 40, 60)
+
+
+@pytest.mark.parametrize("points", [[[121, 0]], [[-61, 0]], [[0, 81]], [[0, -41]], [[3.4e38, 1]]])
+def test_points_far_outside_the_image_are_refused(points):
+    with pytest.raises(InvalidPromptError, match="within one image size"):
+        scale_points(points, [1], 40, 60, MODEL_SIZE)
 
 
 def test_box_exemplars_pad_value_coordinate_is_normalized():
@@ -270,10 +290,10 @@ def test_box_exemplars_huge_int_raises_invalid_prompt():
 
 # --- scale_points --------------------------------------------------------------------------------
 
-POINT_CASES = [
-    ([[10, 20]], [1]),
-    ([[0, 0], [59.5, 39.25], [30.125, 7.0]], [1, 0, 1]),
-    ([[-4, 100], [1000, -3]], [0, 0]),  # outside the image: kept
+POINT_CASES = [  # fractions of the image size, as BOX_CASES
+    ([[10 / 60, 20 / 40]], [1]),
+    ([[0, 0], [59.5 / 60, 39.25 / 40], [30.125 / 60, 7.0 / 40]], [1, 0, 1]),
+    ([[-0.2, 1.8], [1.9, -0.5]], [0, 0]),  # outside the image, within one image size: kept
     ([[1 / 3, 2 / 3]], [1]),
 ]
 
@@ -284,6 +304,7 @@ POINT_CASES = [
 @pytest.mark.parametrize("height,width", IMAGE_SIZES + [(40, 60), (60, 40), (480, 640), (7, 3)])
 @pytest.mark.parametrize("points,labels", POINT_CASES)
 def test_scale_points_match_tracker_processor(tracker_processor, height, width, points, labels):
+    points = in_pixels(points, height, width)
     scaled, out_labels = scale_points(points, labels, height, width, MODEL_SIZE)
     expected = tracker_processor(
         images=_image(height, width), input_points=[[points]], input_labels=[[labels]], return_tensors="pt"
