@@ -1,10 +1,19 @@
 """Serve's HTTP proxy keeps the port it started with for the whole Ray session: one port for all tests."""
 
 import pytest
+from ray import serve
 
-from tests.serve.app_runner import free_port
+from tests.serve.app_runner import APP_NAME, cpu_config, free_port, serve_run
 
 
 @pytest.fixture(scope="session")
 def serve_port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_address, serve_port, tiny112_dir, tmp_path_factory):
+    """The application from serve_config.yaml's CPU profile on the tiny checkpoint, one per test module."""
+    config = cpu_config(str(tiny112_dir), serve_port)
+    yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
+    serve.delete(APP_NAME)

@@ -39,13 +39,6 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_address, serve_port, tiny112_dir, tmp_path_factory):
-    config = cpu_config(str(tiny112_dir), serve_port)
-    yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
-    serve.delete(APP_NAME)
-
-
-@pytest.fixture(scope="module")
 def http_client(app_url):
     with Sam3HttpClient(app_url, timeout=60) as client:
         yield client

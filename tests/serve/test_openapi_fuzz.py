@@ -26,7 +26,6 @@ import schemathesis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from ray import serve
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -37,7 +36,6 @@ from schemathesis.specs.openapi.checks import (
 from client.protocol import SEGMENT_PATH
 from deployments.ingress import app as ingress_app
 from tests.conftest import random_image
-from tests.serve.app_runner import APP_NAME, cpu_config, serve_run
 
 # A request may set its own time budget (`timeout_s`, any positive number): a tiny one is answered with
 # the declared 504, which is the caller's doing, not a server error. Any other 5xx fails.
@@ -74,13 +72,6 @@ def _png_base64(height: int, width: int) -> str:
 # Real images, so generated prompts also reach the model and post-processing (a 1 x 1 image makes
 # scaled coordinates largest).
 REAL_IMAGES = [_png_base64(24, 32), _png_base64(1, 1)]
-
-
-@pytest.fixture(scope="module")
-def app_url(ray_address, serve_port, tiny112_dir, tmp_path_factory):
-    config = cpu_config(str(tiny112_dir), serve_port)
-    yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
-    serve.delete(APP_NAME)
 
 
 @pytest.fixture(scope="module")
