@@ -12,6 +12,8 @@ class Sam3Error(Exception):
 
     code = "internal_error"
     http_status = 500
+    # Seconds the server asked the caller to wait before retrying (its `Retry-After`), when it said so.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str):
         super().__init__(message)

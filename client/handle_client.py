@@ -76,7 +76,7 @@ def as_sam3_error(error: BaseException) -> Sam3Error:
 
     if isinstance(cause, BackPressureError):
         error = ServiceUnavailableError(f"the service is overloaded, retry later: {cause}")
-        error.retry_after_s = cause.retry_after_s  # read by client.retry
+        error.retry_after_s = cause.retry_after_s
         return error
     if isinstance(cause, (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)):
         # RayActorError covers ActorDiedError and ActorUnavailableError: a replica died or cannot be reached.

@@ -101,7 +101,7 @@ class Sam3HttpClient(SegmentClient):
             raise Sam3Error(f"{method} {url} failed: {error}") from error
         if not response.is_success:
             error = _error_from_response(response)
-            error.retry_after_s = _retry_after_s(response)  # read by client.retry
+            error.retry_after_s = _retry_after_s(response)
             raise error
         return response
 

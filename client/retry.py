@@ -60,7 +60,7 @@ def call_with_retries(
         try:
             return attempt(remaining)
         except RETRYABLE_ERRORS as error:
-            delay = policy.delay(retry, getattr(error, "retry_after_s", None))
+            delay = policy.delay(retry, error.retry_after_s)
             if retry >= policy.retries or (deadline is not None and clock() + delay >= deadline):
                 raise
             logger.info(
