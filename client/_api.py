@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from client.errors import InvalidPromptError, InvalidRequestError
 from client.images import ImageInput, encode_image
-from client.protocol import SegmentRequest, SegmentResponse
+from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy, call_with_retries
 from client.rle import decode_mask
 
@@ -41,27 +41,34 @@ _GEOMETRY_PROMPTS = {
 }
 
 
+Texts = str | Sequence[str]
+BoxSets = Sequence[tuple[Coordinates, Sequence[int]] | dict[str, Any] | BoxExemplars]
+
+
 def segment_request(
     image_input: ImageInput | None,
     *,
-    text: str | None = None,
+    text: Texts | None = None,
     points: Coordinates | None = None,
     boxes: Coordinates | None = None,
     labels: Sequence[int] | np.ndarray | None = None,
     timeout: float | None = None,
     model_id: str | None = None,
-    text_prompt: str | None = None,
+    text_prompt: Texts | None = None,
     prompts: Coordinates | None = None,
+    box_sets: BoxSets | None = None,
+    score_threshold: float | None = None,
     return_detections: bool = True,
     http: httpx.Client | None = None,
 ) -> SegmentRequest:
     """The request for client-api.txt's arguments; prompts are checked first so a bad call fetches nothing."""
     _check_timeout(timeout)
     _check_model_id(model_id)
-    text = _one_of("text", text, "text_prompt", text_prompt)
+    text = _one_of("text", _as_list(text), "text_prompt", _as_list(text_prompt))
     points = _one_of("points", _as_list(points), "prompts", _as_list(prompts))
     boxes, labels = _as_list(boxes), _as_list(labels)
-    _check_prompt(text=text, points=points, boxes=boxes, labels=labels)
+    box_sets = _box_sets(box_sets)
+    _check_prompt(text=text, points=points, boxes=boxes, labels=labels, box_sets=box_sets)
     image = encode_image(image_input, timeout=timeout, http=http)
     try:
         return SegmentRequest(
@@ -70,6 +77,8 @@ def segment_request(
             points=points,
             boxes=boxes,
             labels=labels,
+            box_sets=box_sets,
+            score_threshold=score_threshold,
             return_detections=return_detections,
             timeout_s=timeout,
         )
@@ -83,12 +92,16 @@ def union_mask(response: SegmentResponse) -> np.ndarray:
 
 
 def detections(response: SegmentResponse) -> dict[str, Any]:
-    """What `run_with_detections()` returns, in client-api.txt's key order, with plain Python numbers."""
+    """What `run_with_detections()` returns, in client-api.txt's key order, with plain Python numbers.
+
+    `labels` says which prompt each instance answers: an index into the texts (or box sets) sent.
+    """
     return {
         "union_mask": decode_mask(response.union_mask),
         "boxes": [[float(value) for value in box] for box in response.boxes],
         "scores": [float(score) for score in response.scores],
         "masks": [decode_mask(mask) for mask in response.masks],
+        "labels": list(response.labels),
     }
 
 
@@ -104,17 +117,23 @@ class SegmentClient(ABC):
     def run(
         self,
         image_input: ImageInput | None = None,
-        text: str | None = None,
+        text: Texts | None = None,
         points: Coordinates | None = None,
         boxes: Coordinates | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
         timeout: float | None = None,
         *,
         model_id: str | None = None,
-        text_prompt: str | None = None,
+        text_prompt: Texts | None = None,
         prompts: Coordinates | None = None,
+        box_sets: BoxSets | None = None,
+        score_threshold: float | None = None,
     ) -> np.ndarray:
-        """The union mask (H, W) uint8, 255 = foreground; asks the server for no per-instance masks."""
+        """The union mask (H, W) uint8, 255 = foreground; asks the server for no per-instance masks.
+
+        `text` may be a list of concepts and `box_sets` several exemplar sets (one vision pass for all);
+        `score_threshold` replaces the service's (0.5) for this call.
+        """
         timeout = self._timeout_for(timeout)
         request = segment_request(
             image_input,
@@ -126,6 +145,8 @@ class SegmentClient(ABC):
             model_id=model_id,
             text_prompt=text_prompt,
             prompts=prompts,
+            box_sets=box_sets,
+            score_threshold=score_threshold,
             return_detections=False,
             http=self._image_http,
         )
@@ -134,17 +155,20 @@ class SegmentClient(ABC):
     def run_with_detections(
         self,
         image_input: ImageInput | None = None,
-        text: str | None = None,
+        text: Texts | None = None,
         points: Coordinates | None = None,
         boxes: Coordinates | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
         timeout: float | None = None,
         *,
         model_id: str | None = None,
-        text_prompt: str | None = None,
+        text_prompt: Texts | None = None,
         prompts: Coordinates | None = None,
+        box_sets: BoxSets | None = None,
+        score_threshold: float | None = None,
     ) -> dict[str, Any]:
-        """`union_mask`, `boxes`, `scores` (descending) and `masks`; point prompts give empty lists."""
+        """`union_mask`, `boxes`, `scores` (descending), `masks` and `labels` (the prompt each answers);
+        point prompts give empty lists."""
         timeout = self._timeout_for(timeout)
         request = segment_request(
             image_input,
@@ -156,6 +180,8 @@ class SegmentClient(ABC):
             model_id=model_id,
             text_prompt=text_prompt,
             prompts=prompts,
+            box_sets=box_sets,
+            score_threshold=score_threshold,
             return_detections=True,
             http=self._image_http,
         )
@@ -202,14 +228,43 @@ def _as_list(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def _check_prompt(*, text: Any, points: Any, boxes: Any, labels: Any) -> None:
-    given = {name: value for name, value in (("text", text), ("points", points), ("boxes", boxes)) if value is not None}
+def _box_sets(box_sets: BoxSets | None) -> list[dict[str, Any]] | None:
+    """Each box set as {"boxes", "labels"}: given as the wire model, a dict or a (boxes, labels) pair."""
+    if box_sets is None:
+        return None
+    if not isinstance(box_sets, (list, tuple)) or not box_sets:
+        raise InvalidPromptError("box_sets must be a non-empty list of (boxes, labels) pairs")
+    normalized = []
+    for entry in box_sets:
+        if isinstance(entry, BoxExemplars):
+            entry = (entry.boxes, entry.labels)
+        elif isinstance(entry, dict):
+            entry = (entry.get("boxes"), entry.get("labels"))
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise InvalidPromptError(f"each box set must be (boxes, labels) or {{'boxes', 'labels'}}, got {entry!r}")
+        boxes, labels = _as_list(entry[0]), _as_list(entry[1])
+        _check_coordinates("boxes", boxes)
+        _check_labels("boxes", len(boxes), labels)
+        normalized.append({"boxes": boxes, "labels": labels})
+    return normalized
+
+
+def _check_prompt(*, text: Any, points: Any, boxes: Any, labels: Any, box_sets: Any = None) -> None:
+    given = {
+        name: value
+        for name, value in (("text", text), ("points", points), ("boxes", boxes), ("box_sets", box_sets))
+        if value is not None
+    }
     if len(given) != 1:
         raise InvalidPromptError(
-            f"give exactly one prompt type (text, points or boxes), got {', '.join(given) or 'none'}"
+            f"give exactly one prompt type (text, points, boxes or box_sets), got {', '.join(given) or 'none'}"
         )
     if text is not None:
         _check_text(text, labels)
+        return
+    if box_sets is not None:
+        if labels is not None:
+            raise InvalidPromptError("labels go inside each box set, not beside box_sets")
         return
     name, items = next(iter(given.items()))
     _check_coordinates(name, items)
@@ -217,8 +272,12 @@ def _check_prompt(*, text: Any, points: Any, boxes: Any, labels: Any) -> None:
 
 
 def _check_text(text: Any, labels: Any) -> None:
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidPromptError(f"text must be a non-empty string, got {text!r}")
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise InvalidPromptError(f"text must be a non-empty string or a non-empty list of them, got {text!r}")
+    for each in texts:
+        if not isinstance(each, str) or not each.strip():
+            raise InvalidPromptError(f"text must be a non-empty string, got {each!r}")
     if labels is not None:
         raise InvalidPromptError("labels go with points or boxes, not with a text prompt")
 

@@ -1,7 +1,9 @@
 """Image inputs to the bytes a `SegmentRequest` carries: the client sends encoded images, never pixels.
 
-Files, URLs and bytes travel as they are (the server decodes them and applies EXIF orientation);
-in-memory images are encoded to PNG, which is lossless, so the server sees exactly their pixels.
+Files, URLs and bytes travel as they are (the server decodes them and applies EXIF orientation).
+Numpy arrays travel as raw pixels in the .npy format (shape and dtype in its header): lossless, and
+about a hundred times faster to write and read than PNG, for ~1.5x PNG's bytes on a photo. PIL images
+travel as PNG, which is lossless too, so the server sees exactly their pixels.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def encode_image(image_input: ImageInput, *, timeout: float | None, http: httpx.
     if isinstance(image_input, Image.Image):
         return _png(image_input)
     if isinstance(image_input, np.ndarray):
-        return _png(Image.fromarray(_as_uint8_image(image_input)))
+        return _npy(_as_uint8_image(image_input))
     if image_input is None:
         raise InvalidImageError("image_input is required")
     raise InvalidImageError(
@@ -79,6 +81,13 @@ def _as_uint8_image(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8:
         raise InvalidImageError(f"numpy image must have dtype uint8 (or bool), got {array.dtype}")
     return np.ascontiguousarray(array)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    """The array's pixels with their shape and dtype (numpy's own .npy format; no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _png(image: Image.Image) -> bytes:

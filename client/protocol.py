@@ -23,16 +23,37 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64", frozen=True)
 
 
-class SegmentRequest(WireModel):
-    """One image and exactly one prompt type: text, or points with labels, or boxes with labels."""
+class BoxExemplars(WireModel):
+    """One set of box exemplars: together they describe one concept."""
 
-    image: bytes = Field(description="The encoded image file (JPEG, PNG, WebP, ...), base64 in JSON.")
-    text: str | None = Field(None, description="A concept to segment: every instance is returned.")
+    boxes: list[list[float]] = Field(description="[[x0, y0, x1, y1], ...] in pixels.")
+    labels: list[int] = Field(description="One per box: 1 positive exemplar, 0 negative.")
+
+
+class SegmentRequest(WireModel):
+    """One image and exactly one prompt type: text, points with labels, or boxes with labels (or box sets).
+
+    Several concepts (a list of texts, or several box-exemplar sets) share one vision pass; each instance
+    of the answer says which of them it answers (`labels`, an index into the list).
+    """
+
+    image: bytes = Field(
+        description="The encoded image file (JPEG, PNG, WebP, ...) or a .npy array of uint8 pixels, base64 in JSON."
+    )
+    text: str | list[str] | None = Field(
+        None, description="A concept, or several, to segment: every instance of each is returned."
+    )
     points: list[list[float]] | None = Field(None, description="[[x, y], ...] in pixels: one object.")
     boxes: list[list[float]] | None = Field(
         None, description="[[x0, y0, x1, y1], ...] in pixels: exemplars of a concept."
     )
     labels: list[int] | None = Field(None, description="One per point or box: 1 foreground, 0 background.")
+    box_sets: list[BoxExemplars] | None = Field(
+        None, description="Several box-exemplar sets, each a concept of its own (instead of `boxes`)."
+    )
+    score_threshold: float | None = Field(
+        None, gt=0, lt=1, description="Keep concept instances scoring above it (default: the service's, 0.5)."
+    )
     return_detections: bool = Field(
         True, description="False returns only the union mask (what `run()` needs), not the instances."
     )
@@ -42,7 +63,9 @@ class SegmentRequest(WireModel):
 
     @property
     def prompt_type(self) -> PromptType:
-        return "text" if self.text is not None else "points" if self.points is not None else "boxes"
+        if self.text is not None:
+            return "text"
+        return "points" if self.points is not None else "boxes"
 
 
 class RleMask(WireModel):
@@ -63,6 +86,12 @@ class SegmentResponse(WireModel):
     masks: list[RleMask] = Field(default_factory=list)
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="Pixel xyxy.")
     scores: list[float] = Field(default_factory=list)
+    labels: list[int] = Field(
+        default_factory=list, description="Which prompt each instance answers: an index into the texts or box sets."
+    )
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict, description="Server time per stage (preprocess, queue, model, postprocess, total)."
+    )
 
 
 class ErrorDetail(WireModel):

@@ -10,8 +10,18 @@ from client.protocol import RleMask
 
 def encode_mask(mask: np.ndarray) -> RleMask:
     """A (H, W) mask (nonzero = foreground) to compressed RLE."""
-    rle = coco_mask.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
-    return RleMask(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"].decode("ascii"))
+    (rle,) = encode_masks(mask[np.newaxis])
+    return rle
+
+
+def encode_masks(masks: np.ndarray) -> list[RleMask]:
+    """(K, H, W) masks to K compressed RLEs in one pycocotools call (it wants them as Fortran (H, W, K))."""
+    binary = masks if masks.dtype == np.bool_ else masks != 0
+    stacked = np.asfortranarray(binary.transpose(1, 2, 0), dtype=np.uint8)
+    return [
+        RleMask(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"].decode("ascii"))
+        for rle in coco_mask.encode(stacked)
+    ]
 
 
 def decode_mask(rle: RleMask) -> np.ndarray:

@@ -23,8 +23,20 @@ class AppArgs(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Model weights and activations; float32 is what parity is checked in."
     )
-    score_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Concept instances kept above it.")
-    mask_chunk_size: int = Field(16, ge=1, description="Masks upsampled at once (bounds post-processing memory).")
+    score_threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Concept instances kept above it, unless a request sets its own."
+    )
+    mask_chunk_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        description="Full-size mask pixels made at once: bounds post-processing memory (about 6 bytes each).",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads torch uses in a model replica. None: Ray's default, the CPUs the replica reserves.",
+    )
+    text_cache_size: int = Field(1024, ge=0, description="Text encodings a model replica keeps across requests.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
     max_prompt_items: int = Field(64, ge=1, description="Most points, or most boxes, in one request.")
     max_body_bytes: int = Field(
@@ -44,4 +56,9 @@ class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0.0, description="How long the oldest queued request may wait for company while the model is idle."
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="Batches in flight at once: 2 on a GPU overlaps one batch's host work with another's."
+    )

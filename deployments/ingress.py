@@ -71,6 +71,11 @@ def error_response(error: Sam3Error, retry_after_s: int | None = None) -> JSONRe
     return JSONResponse(error_body(error).model_dump(), status_code=error.http_status, headers=headers)
 
 
+def server_timing(response: SegmentResponse) -> str:
+    """The stage timings as a `Server-Timing` header, which browsers' developer tools show."""
+    return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in response.timings_ms.items())
+
+
 def load_api_key(args: AppArgs) -> str | None:
     """The key from a mounted file or the environment, never from serve_config.yaml; None turns auth off."""
     if args.api_key_file:
@@ -147,12 +152,13 @@ class Sam3Ingress:
         work still queued past it, and here the whole chain is cancelled when it runs out or when the
         caller goes away (a closed HTTP connection cancels this coroutine).
         """
+        started = time.perf_counter()
         deadline = time.time() + request.timeout_s if request.timeout_s else None
         prepared = self.preprocessor.prepare.remote(request, deadline)
         result = self.model_pool.run.remote(prepared)
         final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
         try:
-            return await asyncio.wait_for(final, timeout=request.timeout_s)
+            response = await asyncio.wait_for(final, timeout=request.timeout_s)
         except (TimeoutError, asyncio.CancelledError) as stopped:
             for response in (prepared, result, final):
                 response.cancel()
@@ -161,6 +167,8 @@ class Sam3Ingress:
             raise RequestTimeoutError(f"no answer within the request's timeout of {request.timeout_s} s") from None
         except Exception as error:
             raise as_sam3_error(error) from None
+        total_ms = (time.perf_counter() - started) * 1000
+        return response.model_copy(update={"timings_ms": {**response.timings_ms, "total": total_ms}})
 
     @app.post(
         SEGMENT_PATH,
@@ -190,7 +198,9 @@ class Sam3Ingress:
             response = await self.segment(request)
         except Sam3Error as error:
             return error_response(error, self.retry_after_s)
-        return Response(response.model_dump_json(), media_type="application/json")
+        return Response(
+            response.model_dump_json(), media_type="application/json", headers={"Server-Timing": server_timing(response)}
+        )
 
     @app.get(HEALTH_PATH, response_model=HealthResponse)
     async def health(self) -> HealthResponse:

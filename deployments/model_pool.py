@@ -1,4 +1,4 @@
-"""The SAM 3 model pool: GPU replicas that batch requests dynamically with `@serve.batch`.
+"""The SAM 3 model pool: GPU replicas that batch requests dynamically (`deployments.batcher`).
 
 One response per request (Triton style): a batch that fails is retried item by item, so one bad item
 fails alone. Batch limits come from `user_config` and change live through `reconfigure`.
@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.metrics import Histogram
 
 from client.errors import RequestTimeoutError, ServiceUnavailableError
+from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import prepare_item
@@ -32,6 +33,7 @@ class ModelResult:
 
     original_size: tuple[int, int]
     outputs: list[RawOutput]
+    timings_ms: dict[str, float]
 
 
 def resolve_device(device: str) -> str:
@@ -47,15 +49,19 @@ def resolve_device(device: str) -> str:
 )
 class Sam3ModelPool:
     def __init__(self, args: AppArgs):
+        if args.torch_threads is not None:
+            torch.set_num_threads(args.torch_threads)
         self.models = load_sam3(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype)
-        self.runner = Sam3Runner(self.models, args.score_threshold)
+        self.runner = Sam3Runner(self.models, args.score_threshold, text_cache_size=args.text_cache_size)
         self.batch_sizes: Counter[int] = Counter()
         self.batch_size_metric = Histogram(
             "sam3_model_batch_size",
             description="Requests per model batch.",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
+        self.batcher = ContinuousBatcher(self._run_batch, max_batch_size=BatchConfig().max_batch_size)
         self._warm_up()
+        logger.info("model pool: %s on %s, %d torch threads", self.models.dtype, self.models.device, torch.get_num_threads())
 
     def _warm_up(self) -> None:
         """One forward pass of each head at start, so the first request does not pay for it."""
@@ -66,28 +72,33 @@ class Sam3ModelPool:
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.model_validate(user_config)
-        self.run_batch.set_max_batch_size(config.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s, config.max_concurrent_batches)
         logger.info("model pool batching: %s", config)
 
     async def run(self, item: PreparedItem) -> ModelResult:
         """One request in, one result or one error out, whatever else shared its batch."""
-        result = await self.run_batch(item)
+        result = await self.batcher.submit((item, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run_batch(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
+    async def _run_batch(self, queued: list[tuple[PreparedItem, float]]) -> list[ModelResult | Exception]:
         """Items whose caller stopped waiting while they queued are answered with a timeout, not run."""
-        now = time.time()
-        expired = [item.deadline is not None and item.deadline <= now for item in items]
-        live = [item for item, gone in zip(items, expired) if not gone]
+        started, now = time.perf_counter(), time.time()
+        expired = [item.deadline is not None and item.deadline <= now for item, _ in queued]
+        live = [item for (item, _), gone in zip(queued, expired) if not gone]
         results = iter(await self._run_live(live) if live else [])
-        return [
-            RequestTimeoutError("the request's time budget ran out before the model ran it") if gone else next(results)
-            for gone in expired
-        ]
+        model_ms = (time.perf_counter() - started) * 1000
+        answers = []
+        for (item, enqueued), gone in zip(queued, expired):
+            if gone:
+                answers.append(RequestTimeoutError("the request's time budget ran out before the model ran it"))
+                continue
+            result = next(results)
+            if isinstance(result, ModelResult):
+                result.timings_ms.update(queue=(started - enqueued) * 1000, model=model_ms)
+            answers.append(result)
+        return answers
 
     async def _run_live(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
         self.batch_sizes[len(items)] += 1
@@ -106,7 +117,10 @@ class Sam3ModelPool:
 
     @staticmethod
     def _results(items: list[PreparedItem], outputs: list[list[RawOutput]]) -> list[ModelResult]:
-        return [ModelResult(item.original_size, item_outputs) for item, item_outputs in zip(items, outputs)]
+        return [
+            ModelResult(item.original_size, item_outputs, dict(item.timings_ms))
+            for item, item_outputs in zip(items, outputs)
+        ]
 
     def _typed(self, error: Exception) -> Exception:
         """Running out of memory on a single request is the replica's state, not the request's fault."""
@@ -122,3 +136,7 @@ class Sam3ModelPool:
     def batch_size_counts(self) -> dict[int, int]:
         """How many batches of each size this replica ran (for tests and operators)."""
         return dict(self.batch_sizes)
+
+    def stats(self) -> dict:
+        """Cumulative batch sizes and busy seconds (time with a batch running), for benchmarks and operators."""
+        return {"batch_sizes": dict(self.batch_sizes), "busy_s": self.batcher.busy_s(), "queued": self.batcher.queued()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from ray import serve
 
@@ -24,7 +25,8 @@ class Sam3Preprocessor:
         self.max_prompt_items = args.max_prompt_items
 
     def _prepare(self, request: SegmentRequest, deadline: float | None) -> PreparedItem:
-        return prepare_item(
+        started = time.perf_counter()
+        item = prepare_item(
             request.image,
             tokenizer=self.tokenizer,
             geometry=self.geometry,
@@ -32,10 +34,14 @@ class Sam3Preprocessor:
             points=request.points,
             boxes=request.boxes,
             labels=request.labels,
+            box_sets=request.box_sets,
+            score_threshold=request.score_threshold,
             max_image_pixels=self.max_image_pixels,
             max_prompt_items=self.max_prompt_items,
             deadline=deadline,
         )
+        item.timings_ms["preprocess"] = (time.perf_counter() - started) * 1000
+        return item
 
     async def prepare(self, request: SegmentRequest, deadline: float | None = None) -> PreparedItem:
         """Decoding is CPU-bound: a worker thread keeps the replica's event loop free for new requests."""

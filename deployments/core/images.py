@@ -25,6 +25,9 @@ ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.nda
 # Modes whose samples are wider than 8 bits: PIL's convert("RGB") clips them instead of scaling.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ARRAY_CHANNELS = (1, 3, 4)
+# Raw pixels as numpy's .npy format: what the clients send for numpy arrays.
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DTYPES = frozenset({np.dtype(np.uint8), np.dtype(np.bool_)})
 
 
 def decode_image(source: ImageSource, *, max_pixels: int | None = None) -> np.ndarray:
@@ -45,6 +48,8 @@ def decode_image(source: ImageSource, *, max_pixels: int | None = None) -> np.nd
         return _array_to_rgb(source, max_pixels)
     if isinstance(source, Image.Image):
         return _pil_to_rgb_array(source, max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)) and bytes(source[: len(_NPY_MAGIC)]) == _NPY_MAGIC:
+        return _array_to_rgb(_npy_array(source, max_pixels), max_pixels)
     with _open_encoded(source) as image:
         return _pil_to_rgb_array(image, max_pixels)
 
@@ -93,6 +98,30 @@ def _open_encoded(source: object) -> Iterator[Image.Image]:
         image = Image.open(file)
     with image:
         yield image
+
+
+def _npy_array(data: bytes | bytearray | memoryview, max_pixels: int | None) -> np.ndarray:
+    """A read-only view of the pixels of a .npy file, its header checked before anything is allocated.
+
+    Only uint8 and bool arrays of an image's shape are accepted; pickled objects never are.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise InvalidImageError(f"invalid .npy image: {error}") from error
+    if dtype not in _NPY_DTYPES or fortran_order:
+        raise InvalidImageError(f".npy images must be C-ordered uint8 or bool, got {dtype} (fortran_order={fortran_order})")
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in _ARRAY_CHANNELS):
+        raise InvalidImageError(f"unsupported .npy image shape {shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    _check_size(shape[1], shape[0], max_pixels)
+    count = int(np.prod(shape))
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise InvalidImageError(f".npy image holds {len(data) - offset} bytes of pixels; its shape {shape} needs {count}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def _check_size(width: int, height: int, max_pixels: int | None) -> None:

@@ -6,7 +6,7 @@ Pure torch/numpy functions that reproduce, bit for bit, what transformers does i
 full-resolution masks are produced a few at a time so that memory stays bounded.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,28 +36,39 @@ def concept_masks_to_uint8(
     mask_logits: torch.Tensor, height: int, width: int, *, chunk_size: int
 ) -> np.ndarray:
     """Concept masks [K, h, w] to 0/255 uint8 [K, H, W]: sigmoid, bilinear resize, ``> 0.5``."""
-    return _masks_to_uint8(
-        mask_logits, height, width, chunk_size, torch.sigmoid, CONCEPT_MASK_THRESHOLD
-    )
+    return _stack_uint8(concept_mask_chunks(mask_logits, height, width, chunk_size), mask_logits.shape[0], height, width)
 
 
 def tracker_masks_to_uint8(
     mask_logits: torch.Tensor, height: int, width: int, *, chunk_size: int
 ) -> np.ndarray:
     """Tracker masks [K, h, w] to 0/255 uint8 [K, H, W]: bilinear resize the logits, ``> 0.0``."""
-    return _masks_to_uint8(
-        mask_logits, height, width, chunk_size, lambda logits: logits, TRACKER_MASK_THRESHOLD
-    )
+    return _stack_uint8(tracker_mask_chunks(mask_logits, height, width, chunk_size), mask_logits.shape[0], height, width)
 
 
-def _masks_to_uint8(
+def concept_mask_chunks(mask_logits: torch.Tensor, height: int, width: int, chunk_size: int) -> Iterator[torch.Tensor]:
+    """Full-size boolean concept masks, ``chunk_size`` at a time, in order."""
+    return _binary_chunks(mask_logits, height, width, chunk_size, torch.sigmoid, CONCEPT_MASK_THRESHOLD)
+
+
+def tracker_mask_chunks(mask_logits: torch.Tensor, height: int, width: int, chunk_size: int) -> Iterator[torch.Tensor]:
+    """Full-size boolean tracker masks, ``chunk_size`` at a time, in order."""
+    return _binary_chunks(mask_logits, height, width, chunk_size, lambda logits: logits, TRACKER_MASK_THRESHOLD)
+
+
+def masks_per_chunk(height: int, width: int, chunk_pixels: int) -> int:
+    """How many full-size masks fit in a budget of ``chunk_pixels`` pixels (at least one)."""
+    return max(1, chunk_pixels // max(1, height * width))
+
+
+def _binary_chunks(
     mask_logits: torch.Tensor,
     height: int,
     width: int,
     chunk_size: int,
     to_scores: Callable[[torch.Tensor], torch.Tensor],
     threshold: float,
-) -> np.ndarray:
+) -> Iterator[torch.Tensor]:
     """Resize ``chunk_size`` masks at a time so all K never exist at full resolution in float.
 
     Bilinear interpolation is per channel, so a chunk of channels gives the same bits as
@@ -65,16 +76,21 @@ def _masks_to_uint8(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = np.zeros((mask_logits.shape[0], height, width), dtype=np.uint8)
-    out_view = torch.from_numpy(out)
     for start in range(0, mask_logits.shape[0], chunk_size):
         chunk = to_scores(mask_logits[start : start + chunk_size].to(torch.float32))
         resized = F.interpolate(
             chunk.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False
         ).squeeze(0)
-        binary = (resized > threshold).to(torch.uint8).mul_(255)
-        out_view[start : start + chunk_size] = binary.cpu()
-    return out
+        yield (resized > threshold).cpu()
+
+
+def _stack_uint8(chunks: Iterator[torch.Tensor], count: int, height: int, width: int) -> np.ndarray:
+    out = np.zeros((count, height, width), dtype=np.uint8)
+    start = 0
+    for binary in chunks:
+        out[start : start + binary.shape[0]] = binary.numpy()
+        start += binary.shape[0]
+    return np.multiply(out, np.uint8(255), out=out)
 
 
 def union_mask(masks_uint8: np.ndarray, height: int, width: int) -> np.ndarray:

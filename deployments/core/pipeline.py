@@ -12,7 +12,7 @@ from deployments.core.checkpoint import ModelGeometry, Sam3Models
 from deployments.core.images import ImageSource, decode_image
 from deployments.core.postprocess import Segmentation, build_segmentation
 from deployments.core.preprocess import resize_to_model
-from deployments.core.prompts import build_prompt
+from deployments.core.prompts import build_prompts
 from deployments.core.runner import PreparedItem, Sam3Runner
 
 
@@ -21,10 +21,12 @@ def prepare_item(
     *,
     tokenizer: PreTrainedTokenizerBase,
     geometry: ModelGeometry,
-    text: str | None = None,
+    text: str | list[str] | None = None,
     points=None,
     boxes=None,
     labels=None,
+    box_sets=None,
+    score_threshold: float | None = None,
     max_image_pixels: int | None = None,
     max_prompt_items: int | None = None,
     deadline: float | None = None,
@@ -32,11 +34,12 @@ def prepare_item(
     """Decode and validate one request and turn it into model inputs (CPU only, no weights needed)."""
     rgb = decode_image(image, max_pixels=max_image_pixels)
     height, width = rgb.shape[:2]
-    prompt = build_prompt(
+    prompts = build_prompts(
         text=text,
         points=points,
         boxes=boxes,
         labels=labels,
+        box_sets=box_sets,
         tokenizer=tokenizer,
         text_max_tokens=geometry.text_max_tokens,
         model_size=geometry.image_size,
@@ -47,8 +50,9 @@ def prepare_item(
     return PreparedItem(
         pixels=resize_to_model(rgb, geometry.image_size),
         original_size=(height, width),
-        prompts=[prompt],
+        prompts=prompts,
         deadline=deadline,
+        score_threshold=score_threshold,
     )
 
 
@@ -58,12 +62,12 @@ class Sam3Pipeline:
         models: Sam3Models,
         *,
         score_threshold: float = 0.5,
-        mask_chunk_size: int = 16,
+        mask_chunk_pixels: int = 16_000_000,
         max_image_pixels: int | None = None,
     ):
         self.models = models
         self.runner = Sam3Runner(models, score_threshold)
-        self.mask_chunk_size = mask_chunk_size
+        self.mask_chunk_pixels = mask_chunk_pixels
         self.max_image_pixels = max_image_pixels
 
     def prepare(self, image: ImageSource, **prompt) -> PreparedItem:
@@ -75,14 +79,13 @@ class Sam3Pipeline:
             **prompt,
         )
 
-    def segment_batch(self, items: list[PreparedItem]) -> list[list[Segmentation]]:
-        """One model pass over all items; one segmentation per prompt of each item."""
+    def segment_batch(self, items: list[PreparedItem]) -> list[Segmentation]:
+        """One model pass over all items; one segmentation (all of its prompts together) per item."""
         raw = self.runner.run(items)
         return [
-            [build_segmentation(output, item.original_size, self.mask_chunk_size) for output in outputs]
-            for item, outputs in zip(items, raw)
+            build_segmentation(outputs, item.original_size, self.mask_chunk_pixels) for item, outputs in zip(items, raw)
         ]
 
     def segment(self, image: ImageSource, **prompt) -> Segmentation:
-        """Segment one image with one prompt: text=..., or points=/boxes= with labels=."""
-        return self.segment_batch([self.prepare(image, **prompt)])[0][0]
+        """Segment one image: text=... (one or a list), or points=/boxes= with labels=, or box_sets=[...]."""
+        return self.segment_batch([self.prepare(image, **prompt)])[0]

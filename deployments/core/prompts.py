@@ -157,9 +157,9 @@ def pad_box_exemplars(prompts: list[ConceptPrompt]) -> tuple[torch.Tensor, torch
     return boxes, labels
 
 
-def build_prompt(
+def build_prompts(
     *,
-    text: str | None,
+    text: str | list[str] | None,
     points,
     boxes,
     labels,
@@ -168,36 +168,71 @@ def build_prompt(
     model_size: int,
     height: int,
     width: int,
+    box_sets=None,
     max_items: int | None = None,
-) -> Prompt:
-    """Exactly one of text, points or boxes (the last two with labels) to a model prompt.
+) -> list[Prompt]:
+    """Exactly one prompt type to model prompts: one per text or box-exemplar set, or one for the points.
 
     Points and boxes outside the image are used as given (neither clipped nor refused, as transformers'
-    processors use them) up to one image size beyond each edge. `max_items` bounds how many one prompt
-    may hold.
+    processors use them) up to one image size beyond each edge. `max_items` bounds how many points or
+    boxes one prompt may hold, and how many texts or box sets one request may hold.
     """
-    given = [name for name, value in (("text", text), ("points", points), ("boxes", boxes)) if value is not None]
+    given = [
+        name
+        for name, value in (("text", text), ("points", points), ("boxes", boxes), ("box_sets", box_sets))
+        if value is not None
+    ]
     if len(given) != 1:
         raise InvalidPromptError(
-            f"give exactly one prompt type: text, points (with labels) or boxes (with labels); got {given or 'none'}"
+            "give exactly one prompt type: text, points (with labels), boxes (with labels) or box_sets; "
+            f"got {given or 'none'}"
         )
+    if labels is not None and (text is not None or box_sets is not None):
+        raise InvalidPromptError(f"labels go with points or boxes, not with {given[0]} (box sets carry their own)")
     if text is not None:
-        if labels is not None:
-            raise InvalidPromptError("labels go with points or boxes, not with a text prompt")
-        return ConceptPrompt(text=tokenize(tokenizer, text, text_max_tokens))
+        texts = _as_list_of_prompts(text, "text", max_items)
+        return [ConceptPrompt(text=tokenize(tokenizer, each, text_max_tokens)) for each in texts]
+    if box_sets is not None:
+        sets = _as_list_of_prompts(box_sets, "box_sets", max_items)
+        return [
+            _box_prompt(*_boxes_and_labels(entry), tokenizer, text_max_tokens, height, width, max_items)
+            for entry in sets
+        ]
     if labels is None:
         raise InvalidPromptError(f"{given[0]} need labels: one per item, 1 = foreground, 0 = background")
     if boxes is not None:
-        boxes_cxcywh, box_labels = box_exemplars(boxes, labels, height, width)
-        _check_count(len(box_labels), "boxes", max_items)
-        return ConceptPrompt(
-            text=tokenize(tokenizer, BOXES_ONLY_TEXT, text_max_tokens),
-            boxes_cxcywh=boxes_cxcywh,
-            box_labels=box_labels,
-        )
+        return [_box_prompt(boxes, labels, tokenizer, text_max_tokens, height, width, max_items)]
     scaled_points, point_labels = scale_points(points, labels, height, width, model_size)
     _check_count(len(point_labels), "points", max_items)
-    return PointPrompt(scaled_points, point_labels)
+    return [PointPrompt(scaled_points, point_labels)]
+
+
+def _as_list_of_prompts(value, name: str, max_items: int | None) -> list:
+    """A single text stands for a list of one; a list must be non-empty and within `max_items`."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise InvalidPromptError(f"{name} must be a non-empty list")
+    _check_count(len(values), name, max_items)
+    return list(values)
+
+
+def _boxes_and_labels(entry) -> tuple:
+    """A box set as the wire's `BoxExemplars`, a dict with `boxes` and `labels`, or a (boxes, labels) pair."""
+    if isinstance(entry, dict):
+        entry = (entry.get("boxes"), entry.get("labels"))
+    elif hasattr(entry, "boxes"):
+        entry = (entry.boxes, entry.labels)
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+        raise InvalidPromptError("each box set needs boxes and labels: {'boxes': [[x0, y0, x1, y1], ...], 'labels': [1, ...]}")
+    return tuple(entry)
+
+
+def _box_prompt(boxes, labels, tokenizer, text_max_tokens: int, height: int, width: int, max_items) -> ConceptPrompt:
+    boxes_cxcywh, box_labels = box_exemplars(boxes, labels, height, width)
+    _check_count(len(box_labels), "boxes", max_items)
+    return ConceptPrompt(
+        text=tokenize(tokenizer, BOXES_ONLY_TEXT, text_max_tokens), boxes_cxcywh=boxes_cxcywh, box_labels=box_labels
+    )
 
 
 def _check_count(count: int, name: str, max_items: int | None) -> None:

@@ -12,8 +12,9 @@ count (a padded point is still a token to the tracker). Box counts within a grou
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ class PreparedItem:
     original_size: tuple[int, int]  # (H, W) after EXIF orientation
     prompts: list[Prompt]
     deadline: float | None = None  # time.time() after which nobody waits for the answer
+    score_threshold: float | None = None  # None: the runner's default
+    timings_ms: dict[str, float] = field(default_factory=dict)  # time per stage so far, for the response
 
 
 @dataclass
@@ -61,17 +64,23 @@ class _PromptRef:
     item: int
     slot: int
     prompt: Prompt
+    score_threshold: float
 
 
 class Sam3Runner:
     """Runs prepared batches on the shared-ViT models; thresholds scores before anything leaves the device.
 
     Only kept queries leave the device: all 200 query masks of the real model would be 66 MB per prompt.
+    Text encodings are kept across batches (least recently used evicted): a service sees the same
+    concepts again and again, and the text encoder is 354M parameters of the real model.
     """
 
-    def __init__(self, models: Sam3Models, score_threshold: float):
+    def __init__(self, models: Sam3Models, score_threshold: float, text_cache_size: int = 1024):
         self.models = models
         self.score_threshold = score_threshold
+        self.text_cache_size = text_cache_size
+        self._text_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._text_cache_lock = threading.Lock()  # batches may run in several threads at once
 
     @torch.inference_mode()
     def run(self, items: list[PreparedItem]) -> list[list[RawOutput]]:
@@ -79,7 +88,8 @@ class Sam3Runner:
         groups: dict[tuple, list[_PromptRef]] = defaultdict(list)
         for index, item in enumerate(items):
             for slot, prompt in enumerate(item.prompts):
-                groups[_group_key(prompt)].append(_PromptRef(index, slot, prompt))
+                threshold = self.score_threshold if item.score_threshold is None else item.score_threshold
+                groups[_group_key(prompt)].append(_PromptRef(index, slot, prompt, threshold))
         if not groups:
             return outputs
         vision = self._vision_features(items)
@@ -100,7 +110,10 @@ class Sam3Runner:
         return tensor.to(device=self.models.device, dtype=dtype or tensor.dtype)
 
     def _vision_features(self, items: list[PreparedItem]) -> Sam3VisionEncoderOutput:
-        pixels = self._device_tensor(np.stack([item.pixels for item in items]))
+        pixels = torch.from_numpy(np.stack([item.pixels for item in items]))
+        if self.models.device.type == "cuda":
+            # From page-locked memory the copy is a DMA that overlaps with other work on the GPU.
+            pixels = pixels.pin_memory().to(self.models.device, non_blocking=True)
         return self.models.detector.get_vision_features(normalize(pixels).to(self.models.dtype))
 
     def _tracker_image_embeddings(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
@@ -148,7 +161,7 @@ class Sam3Runner:
         outputs = []
         for row in range(len(refs)):
             scores = concept_scores(result.pred_logits[row].float(), result.presence_logits[row].float())
-            keep = keep_above(scores, self.score_threshold)
+            keep = keep_above(scores, refs[row].score_threshold)
             outputs.append(
                 ConceptOutput(
                     scores=scores[keep].cpu().numpy(),
@@ -159,18 +172,30 @@ class Sam3Runner:
         return outputs
 
     def _text_features(self, prompts: list[ConceptPrompt]) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
-        """Encode each distinct text once, then index the encodings per prompt."""
-        distinct: dict[bytes, int] = {}
-        rows = [distinct.setdefault(prompt.text.input_ids.tobytes(), len(distinct)) for prompt in prompts]
-        first_of = {row: prompt.text for row, prompt in zip(rows, prompts)}
-        texts = [first_of[row] for row in range(len(distinct))]
-        encoded = self.models.detector.get_text_features(
-            input_ids=self._device_tensor(np.stack([text.input_ids for text in texts])),
-            attention_mask=self._device_tensor(np.stack([text.attention_mask for text in texts])),
-        )
-        index = self._device_tensor(rows)
+        """Each distinct text through the encoder once, and not at all when its encoding is cached."""
+        keys = [prompt.text.input_ids.tobytes() + prompt.text.attention_mask.tobytes() for prompt in prompts]
+        with self._text_cache_lock:
+            embeddings = self._text_embeddings(prompts, keys)
         attention_mask = self._device_tensor(np.stack([prompt.text.attention_mask for prompt in prompts]))
-        return BaseModelOutputWithPooling(pooler_output=encoded.pooler_output[index]), attention_mask
+        return BaseModelOutputWithPooling(pooler_output=torch.stack(embeddings)), attention_mask
+
+    def _text_embeddings(self, prompts: list[ConceptPrompt], keys: list[bytes]) -> list[torch.Tensor]:
+        missing = {key: prompt.text for key, prompt in zip(keys, prompts) if key not in self._text_cache}
+        if missing:
+            texts = list(missing.values())
+            encoded = self.models.detector.get_text_features(
+                input_ids=self._device_tensor(np.stack([text.input_ids for text in texts])),
+                attention_mask=self._device_tensor(np.stack([text.attention_mask for text in texts])),
+            )
+            for key, row in zip(missing, encoded.pooler_output):
+                self._text_cache[key] = row.clone()
+        embeddings = []
+        for key in keys:
+            self._text_cache.move_to_end(key)
+            embeddings.append(self._text_cache[key])
+        while len(self._text_cache) > max(self.text_cache_size, len(set(keys))):
+            self._text_cache.popitem(last=False)
+        return embeddings
 
     def _run_points(self, embeddings: list[torch.Tensor], refs: list[_PromptRef]) -> list[PointOutput]:
         prompts: list[PointPrompt] = [ref.prompt for ref in refs]

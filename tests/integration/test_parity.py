@@ -22,6 +22,8 @@ from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3Tracker
 
 from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import Sam3Pipeline
+from deployments.core.postprocess import build_segmentation
+from deployments.core.runner import Sam3Runner
 from tests.conftest import random_image
 
 BOX_TOLERANCE_PX = 1e-3
@@ -40,16 +42,16 @@ def reference_models(checkpoint: str):
 
 @lru_cache(maxsize=None)
 def pipeline_for(checkpoint: str) -> Sam3Pipeline:
-    return Sam3Pipeline(load_sam3(checkpoint), score_threshold=0.5, mask_chunk_size=3)
+    return Sam3Pipeline(load_sam3(checkpoint), score_threshold=0.5, mask_chunk_pixels=20_000)
 
 
 @torch.inference_mode()
-def reference_concept(checkpoint: str, image: np.ndarray, **inputs) -> dict:
+def reference_concept(checkpoint: str, image: np.ndarray, threshold: float = 0.5, **inputs) -> dict:
     processor, model, _, _ = reference_models(checkpoint)
     encoded = processor(images=Image.fromarray(image), return_tensors="pt", **inputs)
     outputs = model(**encoded)
     result = processor.post_process_instance_segmentation(
-        outputs, threshold=0.5, mask_threshold=0.5, target_sizes=encoded["original_sizes"].tolist()
+        outputs, threshold=threshold, mask_threshold=0.5, target_sizes=encoded["original_sizes"].tolist()
     )[0]
     order = torch.sort(result["scores"], descending=True, stable=True).indices
     masks = (result["masks"][order].numpy() * 255).astype(np.uint8)
@@ -154,9 +156,8 @@ def test_mixed_batch_matches_items_alone(tiny_dir):
     expected.append(pipeline.segment(random_image(70, 40, seed=3), text="dog"))
 
     batched = pipeline.segment_batch(items)
-    assert [len(outputs) for outputs in batched] == [1] * len(items)
+    assert len(batched) == len(items)
     for ours, alone in zip(batched, expected):
-        ours = ours[0]
         np.testing.assert_allclose(ours.scores, alone.scores, rtol=0, atol=SCORE_TOLERANCE)
         np.testing.assert_allclose(ours.boxes, alone.boxes, rtol=0, atol=BOX_TOLERANCE_PX)
         np.testing.assert_array_equal(ours.masks, alone.masks)
@@ -166,6 +167,7 @@ def test_mixed_batch_matches_items_alone(tiny_dir):
 def test_several_prompts_on_one_image_share_its_vision_pass(tiny112_dir):
     """The ViT runs once per image, and the text encoder once per distinct text, whatever the prompts."""
     pipeline = pipeline_for(str(tiny112_dir))
+    runner = Sam3Runner(pipeline.models, score_threshold=0.5)  # its own text cache: every text is new to it
     detector = pipeline.models.detector
     backbone_batches, text_batches = [], []
     hooks = [
@@ -184,7 +186,7 @@ def test_several_prompts_on_one_image_share_its_vision_pass(tiny112_dir):
             for case in ({"text": "dog"}, {"boxes": [[5, 5, 40, 30]], "labels": [1]}, {"points": [[20, 20]], "labels": [1]}):
                 item.prompts.extend(pipeline.prepare(image, **case).prompts)
             items.append(item)
-        outputs = pipeline.segment_batch(items)
+        outputs = runner.run(items)
     finally:
         for hook in hooks:
             hook.remove()
@@ -192,4 +194,58 @@ def test_several_prompts_on_one_image_share_its_vision_pass(tiny112_dir):
     assert sorted(text_batches) == [1, 2], "'cat' and 'dog' together, then 'visual' for the boxes"
     assert [len(per_item) for per_item in outputs] == [4, 4]
     alone = pipeline.segment(images[1], text="dog")
-    np.testing.assert_array_equal(outputs[1][1].masks, alone.masks)
+    dog = build_segmentation([outputs[1][1]], items[1].original_size, pipeline.mask_chunk_pixels)
+    np.testing.assert_array_equal(dog.masks, alone.masks)
+
+
+def assert_instances_of_prompt(ours, label: int, reference: dict) -> None:
+    """The instances answering prompt `label` are exactly transformers' answer to that prompt alone."""
+    mine = ours.labels == label
+    assert mine.sum() == len(reference["scores"]), f"prompt {label}: different number of instances"
+    np.testing.assert_allclose(ours.scores[mine], reference["scores"], rtol=0, atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(ours.boxes[mine], reference["boxes"], rtol=0, atol=BOX_TOLERANCE_PX)
+    np.testing.assert_array_equal(ours.masks[mine], reference["masks"])
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+def test_several_texts_with_a_threshold_match_one_transformers_call_per_text(tiny_dir, threshold):
+    checkpoint = str(tiny_dir)
+    pipeline = pipeline_for(checkpoint)
+    image = random_image(90, 130, seed=5)
+    texts = ["a red car", "dog", "a red car on a road", "cat"]
+    ours = pipeline.segment(image, text=texts, score_threshold=threshold)
+    references = [reference_concept(checkpoint, image, threshold=threshold, text=text) for text in texts]
+    for label, reference in enumerate(references):
+        assert_instances_of_prompt(ours, label, reference)
+    assert np.all(np.diff(ours.scores) <= 0), "scores sorted over all prompts together"
+    expected_union = np.maximum.reduce([reference["union_mask"] for reference in references])
+    np.testing.assert_array_equal(ours.union_mask, expected_union)
+    assert len(ours.scores) > 0
+
+
+def test_several_box_sets_match_one_transformers_call_per_set(tiny_dir):
+    checkpoint = str(tiny_dir)
+    pipeline = pipeline_for(checkpoint)
+    height, width = 90, 130
+    image = random_image(height, width, seed=6)
+    cases = [prompt_cases(height, width)[kind] for kind in ("one_box", "boxes_mixed_labels")]
+    ours = pipeline.segment(image, box_sets=[(case["boxes"], case["labels"]) for case in cases])
+    for label, case in enumerate(cases):
+        assert_instances_of_prompt(ours, label, reference_for(checkpoint, image, case))
+    assert len(ours.scores) > 0
+
+
+def test_a_cached_text_encoding_gives_the_same_answer(tiny112_dir):
+    """The second request for a text skips the text encoder and answers the same."""
+    pipeline = pipeline_for(str(tiny112_dir))
+    runner = Sam3Runner(pipeline.models, score_threshold=0.5)
+    encoder_calls = []
+    hook = pipeline.models.detector.text_encoder.register_forward_hook(lambda *args: encoder_calls.append(1))
+    try:
+        image = random_image(60, 80, seed=9)
+        first, second = (runner.run([pipeline.prepare(image, text="a cached concept")])[0][0] for _ in range(2))
+    finally:
+        hook.remove()
+    assert len(encoder_calls) == 1
+    np.testing.assert_array_equal(first.scores, second.scores)
+    np.testing.assert_array_equal(first.mask_logits, second.mask_logits)

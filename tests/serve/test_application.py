@@ -11,6 +11,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from client import Sam3HandleClient, Sam3HttpClient
+from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResponse
 from client.errors import InvalidPromptError, PromptTooLongError
 from deployments.app import build_app
 from deployments.config import AppArgs
@@ -85,11 +86,11 @@ def test_both_clients_match_the_core_and_transformers(kind, http_client, handle_
     for client in (http_client, handle_client):
         for image_input in (IMAGE, Image.fromarray(IMAGE), png_path(tmp_path)):
             result = client.run_with_detections(model_id="sam3", image_input=image_input, **prompt)
-            assert sorted(result) == ["boxes", "masks", "scores", "union_mask"]
+            assert sorted(result) == ["boxes", "labels", "masks", "scores", "union_mask"]
             np.testing.assert_array_equal(result["union_mask"], expected.union_mask)
             np.testing.assert_array_equal(result["union_mask"], reference["union_mask"])
             if kind in ("points", "one_point"):
-                assert result["masks"] == result["boxes"] == result["scores"] == []
+                assert result["masks"] == result["boxes"] == result["scores"] == result["labels"] == []
                 continue
             assert len(result["masks"]) == len(expected.masks) > 0
             np.testing.assert_array_equal(np.stack(result["masks"]), expected.masks)
@@ -97,6 +98,7 @@ def test_both_clients_match_the_core_and_transformers(kind, http_client, handle_
             np.testing.assert_allclose(result["boxes"], reference["boxes"], rtol=0, atol=1e-3)
             np.testing.assert_allclose(result["scores"], reference["scores"], rtol=0, atol=1e-5)
             assert result["scores"] == sorted(result["scores"], reverse=True)
+            assert result["labels"] == [0] * len(result["scores"]), "one prompt: every instance answers it"
         union = client.run(image_input=IMAGE, **prompt)
         assert union.dtype == np.uint8 and union.shape == IMAGE.shape[:2]
         np.testing.assert_array_equal(union, expected.union_mask)
@@ -207,3 +209,34 @@ def test_versioned_api_with_openapi_and_health(app_url):
     wrong_version = httpx.post(f"{app_url}/v2/segment", json={}, timeout=10)
     assert wrong_version.status_code == 404
     assert wrong_version.json()["error"]["code"] == "not_found"
+
+
+def test_several_texts_with_a_threshold_through_both_clients(http_client, handle_client, tiny112_dir):
+    """One request, several concepts and its own threshold: the same answer as the core in one process."""
+    texts = ["a red car", "dog", "cat"]
+    expected = in_process(str(tiny112_dir)).segment(IMAGE, text=texts, score_threshold=0.3)
+    assert len(set(expected.labels.tolist())) > 1, "instances of more than one concept, or the test says little"
+    for client in (http_client, handle_client):
+        result = client.run_with_detections(image_input=IMAGE, text=texts, score_threshold=0.3)
+        assert result["labels"] == expected.labels.tolist()
+        np.testing.assert_array_equal(np.stack(result["masks"]), expected.masks)
+        np.testing.assert_allclose(result["scores"], expected.scores, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(client.run(image_input=IMAGE, text=texts, score_threshold=0.3), expected.union_mask)
+
+
+def test_answers_carry_their_time_per_stage(app_url):
+    """In the body (`timings_ms`) and as a `Server-Timing` header, which browser tools show."""
+    body = SegmentRequest(image=png_bytes(), text="cat", return_detections=False)
+    response = httpx.post(app_url + "/v1/segment", content=body.model_dump_json(), headers={"content-type": "application/json"})
+    assert response.status_code == 200
+    timings = SegmentResponse.model_validate_json(response.content).timings_ms
+    assert set(timings) == {"preprocess", "queue", "model", "postprocess", "total"}
+    assert all(value >= 0 for value in timings.values())
+    assert timings["total"] >= timings["preprocess"] + timings["model"] + timings["postprocess"]
+    assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == list(timings)
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(IMAGE).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -127,7 +127,7 @@ def test_the_request_object_travels_as_it_is(client, handle, lookups):
 def test_run_with_detections(client, handle):
     result = client.run_with_detections(image_input=IMAGE, text_prompt="cat", model_id="sam3")
     assert handle.requests[0].text == "cat" and handle.requests[0].return_detections is True
-    assert list(result) == ["union_mask", "boxes", "scores", "masks"]
+    assert list(result) == ["union_mask", "boxes", "scores", "masks", "labels"]
     assert result["boxes"] == [[0.0, 0.0, 5.0, 3.0]] and result["scores"] == [0.75]
     np.testing.assert_array_equal(result["masks"][0], MASK)
 

@@ -26,6 +26,7 @@ from client.errors import (
 from client.http_client import Sam3HttpClient
 from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, SegmentRequest, SegmentResponse
 from client.rle import encode_mask
+from deployments.core.images import decode_image
 from tests.unit.test_client_retry import FakeClock
 
 BASE_URL = "http://sam3.test"
@@ -136,18 +137,19 @@ def test_a_str_path_and_bytes_are_sent_as_they_are(client, service, image_file):
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
-def test_numpy_images_travel_as_lossless_png(client, service, shape):
+def test_numpy_images_travel_as_raw_npy_pixels(client, service, shape):
+    """Raw pixels with their shape: lossless, and what the server decodes to the same RGB as the array."""
     pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     client.run(pixels, text="cat")
-    decoded = Image.open(io.BytesIO(service.sent().image))
-    assert decoded.format == "PNG"
-    np.testing.assert_array_equal(np.asarray(decoded), pixels)
+    sent = np.load(io.BytesIO(service.sent().image), allow_pickle=False)
+    np.testing.assert_array_equal(sent, pixels)
+    np.testing.assert_array_equal(decode_image(service.sent().image), decode_image(pixels))
 
 
 def test_bool_numpy_images_become_0_and_255(client, service):
     pixels = np.eye(4, dtype=bool)
     client.run(pixels, text="cat")
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(service.sent().image))), pixels * 255)
+    np.testing.assert_array_equal(np.load(io.BytesIO(service.sent().image)), pixels * 255)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "CMYK"])
@@ -247,7 +249,7 @@ def test_run_returns_the_union_mask(client, image_file):
 def test_run_with_detections_returns_plain_python_results(client, image_file):
     (left, right), _ = masks_and_response()
     result = client.run_with_detections(image_file, text="cat")
-    assert list(result) == ["union_mask", "boxes", "scores", "masks"]
+    assert list(result) == ["union_mask", "boxes", "scores", "masks", "labels"]
     np.testing.assert_array_equal(result["union_mask"], left | right)
     assert result["boxes"] == [[0.0, 0.0, 2.5, 4.0], [3.0, 1.0, 6.0, 4.0]]
     assert all(type(value) is float for box in result["boxes"] for value in box)

@@ -86,7 +86,7 @@ def test_expired_items_are_answered_without_running():
     runner = FakeRunner(ValueError("never"), max_ok=10)
     pool = pool_with(runner)
     batch = [item((1, 1), deadline=time.time() - 1), item((2, 2), deadline=time.time() + 60), item((3, 3))]
-    results = asyncio.run(Sam3ModelPool.func_or_class.run_batch.__wrapped__(pool, batch))
+    results = asyncio.run(pool._run_batch([(entry, time.perf_counter()) for entry in batch]))
     assert isinstance(results[0], RequestTimeoutError)
     assert [r.original_size for r in results[1:]] == [(2, 2), (3, 3)]
     assert runner.calls == [2]

@@ -23,7 +23,7 @@ from deployments.core.prompts import (
     PointPrompt,
     TokenizedText,
     box_exemplars,
-    build_prompt,
+    build_prompts,
     pad_box_exemplars,
     scale_points,
     tokenize,
@@ -65,7 +65,7 @@ def _image(height: int, width: int, seed: int = 0) -> Image.Image:
 def _build(tokenizer, height=40, width=60, **kwargs):
     prompt = {"text": None, "points": None, "boxes": None, "labels": None}
     prompt.update(kwargs)
-    return build_prompt(
+    (built,) = build_prompts(
         **prompt,
         tokenizer=tokenizer,
         text_max_tokens=MAX_TOKENS,
@@ -73,6 +73,7 @@ def _build(tokenizer, height=40, width=60, **kwargs):
         height=height,
         width=width,
     )
+    return built
 
 
 # --- tokenize ------------------------------------------------------------------------------------

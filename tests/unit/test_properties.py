@@ -35,7 +35,7 @@ from deployments.core.masks import (
     tracker_masks_to_uint8,
     union_mask,
 )
-from deployments.core.prompts import ConceptPrompt, PointPrompt, build_prompt
+from deployments.core.prompts import ConceptPrompt, PointPrompt, build_prompts
 from tests.conftest import tiny_checkpoint_dir
 
 MODEL_SIZE = 56
@@ -349,7 +349,7 @@ def test_build_prompt_raises_only_invalid_prompt_or_returns_documented_arrays(
     note(f"arguments={arguments!r} height={height} width={width} max_items={max_items}")
     text, points, boxes = arguments["text"], arguments["points"], arguments["boxes"]
     try:
-        prompt = build_prompt(
+        (prompt,) = build_prompts(
             **arguments,
             tokenizer=tokenizer,
             text_max_tokens=TEXT_MAX_TOKENS,
