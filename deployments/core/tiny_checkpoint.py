@@ -1,10 +1,14 @@
-"""Build a tiny, random-weight SAM 3 checkpoint in the exact `facebook/sam3` layout.
+"""Build a random-weight SAM 3 checkpoint in the exact `facebook/sam3` layout, at one of three sizes.
 
-The real weights are gated and unreachable from CI, so tests and the offline demo load this one
-through the same loading code. ITS MASKS ARE MEANINGLESS: the weights are random, only calibrated so
-that concept scores straddle the 0.5 threshold and every code path (kept and dropped instances) runs.
+The real weights are gated and unreachable from CI, so tests and the offline demo load these through the
+same loading code. THEIR MASKS ARE MEANINGLESS: the weights are random, only calibrated so that concept
+scores straddle the 0.5 threshold and every code path (kept and dropped instances) runs.
 
-    python -m deployments.core.tiny_checkpoint OUT_DIR --size 112
+    python -m deployments.core.tiny_checkpoint OUT_DIR [--preset tiny|mid|full] [--size PX]
+
+Presets: `tiny` (112 px, every width 32: tests and demos), `mid` (504 px, a 12-layer ViT that dominates
+the cost: CPU benchmarks), `full` (1008 px, `facebook/sam3`'s own configuration, ~860M parameters,
+3.4 GB: GPU benchmarks, where random weights cost the same compute as real ones).
 
 The layout mirrors `facebook/sam3`: a `Sam3VideoConfig`, one `model.safetensors` whose keys sit under
 `detector_model.`, `tracker_model.` and `tracker_neck.`, and the processor files with the real CLIP BPE
@@ -21,6 +25,7 @@ import json
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -33,22 +38,122 @@ from transformers import (
 )
 
 PATCH_SIZE = 14
-HIDDEN_SIZE = 32
-NUM_QUERIES = 20
 CLIP_VOCAB_SIZE = 49408
 TEXT_MAX_TOKENS = 32
 # Calibration. Concept heads: a presence logit near its clamp (10) makes the presence score ~1, and a
-# larger query projection spreads the per-query logits, so scores straddle 0.5 with wide margins.
-# Concept masks: a larger mask embedding moves the mask logits from ~1e-4 to ~1, away from the threshold.
+# larger query projection spreads the per-query logits, so scores straddle 0.5 with wide margins. At
+# initialisation those logits have a spread of about 0.02**2 * width * gain: QUERY_PROJ_GAIN_X_WIDTH / width
+# makes it ~5 at every width (the gain is 400 at the tiny preset's 32).
+# Concept masks: a larger mask embedding moves the mask logits from ~1e-4 to ~1 (tiny; more when wider),
+# away from the threshold.
 # Tracker head: distinct IoU biases so the best of the three multimask outputs is not a near-tie (and
 # is not the first), and a larger mask projection so few mask logits sit near the 0 threshold.
 PRESENCE_BIAS = 8.0
-QUERY_PROJ_GAIN = 400.0
+QUERY_PROJ_GAIN_X_WIDTH = 12800.0
 CONCEPT_MASK_GAIN = 10000.0
 TRACKER_IOU_BIAS = (0.0, -1.0, 1.0, 0.0)
 TRACKER_MASK_GAIN = 20000.0
-# Its presence marks a tiny checkpoint, so that whatever loads one can say its masks are meaningless.
+# Its presence marks a random-weight checkpoint, so that whatever loads one can say its masks are meaningless.
 TINY_MARKER_FILE = "TINY_CHECKPOINT_README.txt"
+
+
+def _grid(image_size: int) -> int:
+    if image_size <= 0 or image_size % PATCH_SIZE:
+        raise ValueError(f"image size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
+    return image_size // PATCH_SIZE
+
+
+def _set_image_size(config: Sam3VideoConfig, image_size: int) -> Sam3VideoConfig:
+    """Resize every part: the ViT, both heads' feature sizes and the tracker's low-resolution masks."""
+    grid = _grid(image_size)
+    config.image_size = image_size
+    config.detector_config.vision_config.backbone_feature_sizes = [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2]
+    config.low_res_mask_size = 4 * grid
+    return config
+
+
+def _scaled_config(image_size: int, vit: dict, width: int, heads: int, num_queries: int) -> Sam3VideoConfig:
+    """The real structure with the ViT `vit` and every head, the FPN and the text encoder `width` wide."""
+    vision = {
+        "model_type": "sam3_vision_model",
+        "backbone_config": {"model_type": "sam3_vit_model", "patch_size": PATCH_SIZE, **vit},
+        "fpn_hidden_size": width,
+    }
+    block = {"hidden_size": width, "num_attention_heads": heads, "intermediate_size": 2 * width}
+    detector = {
+        "vision_config": copy.deepcopy(vision),
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": CLIP_VOCAB_SIZE,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "projection_dim": width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads,
+            "max_position_embeddings": TEXT_MAX_TOKENS,
+        },
+        "geometry_encoder_config": {**block, "num_layers": 1},
+        "detr_encoder_config": {**block, "num_layers": 1},
+        "detr_decoder_config": {**block, "num_layers": 2, "num_queries": num_queries},
+        "mask_decoder_config": {"hidden_size": width, "num_attention_heads": heads},
+    }
+    tracker = {
+        "vision_config": copy.deepcopy(vision),
+        "prompt_encoder_config": {"hidden_size": width},
+        "mask_decoder_config": {
+            "hidden_size": width,
+            "mlp_dim": 2 * width,
+            "num_attention_heads": heads,
+            "iou_head_hidden_dim": width,
+        },
+        "memory_attention_hidden_size": width,
+        "memory_attention_feed_forward_hidden_size": 2 * width,
+        "memory_encoder_hidden_size": width,
+        "memory_encoder_output_channels": width // 2,
+        "mask_downsampler_embed_dim": width,
+        "memory_fuser_embed_dim": width,
+        "memory_fuser_intermediate_dim": 2 * width,
+    }
+    return _set_image_size(Sam3VideoConfig(detector_config=detector, tracker_config=tracker), image_size)
+
+
+def tiny_config(image_size: int = 112) -> Sam3VideoConfig:
+    """Every width 32, one or two layers per stack: builds in a second, for tests and demos."""
+    vit = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "window_size": max(1, _grid(image_size) // 2),
+        "global_attn_indexes": [1],
+        "pretrain_image_size": image_size,
+    }
+    return _scaled_config(image_size, vit, width=32, heads=2, num_queries=20)
+
+
+def mid_config(image_size: int = 504) -> Sam3VideoConfig:
+    """A 12-layer ViT that dominates the cost, windowed like the real one (3x3 windows, every sixth layer
+    global as every eighth of the real 32); heads 64 wide."""
+    window = max(1, _grid(image_size) // 3)
+    vit = {
+        "hidden_size": 384,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "window_size": window,
+        "global_attn_indexes": [5, 11],
+        "pretrain_image_size": window * PATCH_SIZE,
+    }
+    return _scaled_config(image_size, vit, width=64, heads=2, num_queries=50)
+
+
+def full_config(image_size: int = 1008) -> Sam3VideoConfig:
+    """`facebook/sam3`'s configuration: transformers' defaults are the real model's."""
+    return _set_image_size(Sam3VideoConfig(), image_size)
+
+
+# --preset name -> config function; its argument, the resolution, defaults to the preset's own.
+PRESETS: dict[str, Callable[..., Sam3VideoConfig]] = {"tiny": tiny_config, "mid": mid_config, "full": full_config}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -85,76 +190,17 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {symbol: index for index, symbol in enumerate(symbols)}, merges
 
 
-def tiny_config(image_size: int) -> Sam3VideoConfig:
-    """A `Sam3VideoConfig` with every width set to 32 and one or two layers per stack."""
-    if image_size <= 0 or image_size % PATCH_SIZE:
-        raise ValueError(f"image size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
-    grid = image_size // PATCH_SIZE
-    vit = {
-        "model_type": "sam3_vit_model",
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": 2 * HIDDEN_SIZE,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "patch_size": PATCH_SIZE,
-        "window_size": max(1, grid // 2),
-        "global_attn_indexes": [1],
-        "pretrain_image_size": image_size,
-    }
-    vision = {
-        "model_type": "sam3_vision_model",
-        "backbone_config": vit,
-        "fpn_hidden_size": HIDDEN_SIZE,
-        "backbone_feature_sizes": [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2],
-    }
-    block = {"hidden_size": HIDDEN_SIZE, "num_attention_heads": 2, "intermediate_size": 2 * HIDDEN_SIZE}
-    detector = {
-        "vision_config": copy.deepcopy(vision),
-        "text_config": {
-            "model_type": "clip_text_model",
-            "vocab_size": CLIP_VOCAB_SIZE,
-            "hidden_size": HIDDEN_SIZE,
-            "intermediate_size": 2 * HIDDEN_SIZE,
-            "projection_dim": HIDDEN_SIZE,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": TEXT_MAX_TOKENS,
-        },
-        "geometry_encoder_config": {**block, "num_layers": 1},
-        "detr_encoder_config": {**block, "num_layers": 1},
-        "detr_decoder_config": {**block, "num_layers": 2, "num_queries": NUM_QUERIES},
-        "mask_decoder_config": {"hidden_size": HIDDEN_SIZE, "num_attention_heads": 2},
-    }
-    tracker = {
-        "vision_config": copy.deepcopy(vision),
-        "prompt_encoder_config": {"hidden_size": HIDDEN_SIZE},
-        "mask_decoder_config": {
-            "hidden_size": HIDDEN_SIZE,
-            "mlp_dim": 2 * HIDDEN_SIZE,
-            "num_attention_heads": 2,
-            "iou_head_hidden_dim": HIDDEN_SIZE,
-        },
-        "memory_attention_hidden_size": HIDDEN_SIZE,
-        "memory_attention_feed_forward_hidden_size": 2 * HIDDEN_SIZE,
-        "memory_attention_rope_feat_sizes": [grid, grid],
-        "memory_encoder_hidden_size": HIDDEN_SIZE,
-        "memory_encoder_output_channels": HIDDEN_SIZE // 2,
-        "mask_downsampler_embed_dim": HIDDEN_SIZE,
-        "memory_fuser_embed_dim": HIDDEN_SIZE,
-        "memory_fuser_intermediate_dim": 2 * HIDDEN_SIZE,
-    }
-    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * grid)
-    config.image_size = image_size
-    return config
+def random_state_dict(config: Sam3VideoConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights with the real key layout, heads calibrated so scores straddle 0.5.
 
-
-def tiny_state_dict(config: Sam3VideoConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random weights with the real key layout, heads calibrated so scores straddle 0.5."""
+    These are the model's own tensors, calibrated in place: one copy of the weights is held.
+    """
     torch.manual_seed(seed)
     state = Sam3VideoModel(config).state_dict()
+    query_proj_gain = QUERY_PROJ_GAIN_X_WIDTH / config.detector_config.detr_decoder_config.hidden_size
     with torch.no_grad():
         state["detector_model.detr_decoder.presence_head.layer3.bias"].fill_(PRESENCE_BIAS)
-        state["detector_model.dot_product_scoring.query_proj.weight"].mul_(QUERY_PROJ_GAIN)
+        state["detector_model.dot_product_scoring.query_proj.weight"].mul_(query_proj_gain)
         state["detector_model.mask_decoder.mask_embedder.layers.2.weight"].mul_(CONCEPT_MASK_GAIN)
         state["detector_model.mask_decoder.mask_embedder.layers.2.bias"].mul_(CONCEPT_MASK_GAIN)
         state["tracker_model.mask_decoder.iou_prediction_head.proj_out.bias"].copy_(torch.tensor(TRACKER_IOU_BIAS))
@@ -164,13 +210,20 @@ def tiny_state_dict(config: Sam3VideoConfig, seed: int) -> dict[str, torch.Tenso
     return {key: tensor.contiguous() for key, tensor in sorted(state.items())}
 
 
-def build_tiny_checkpoint(out_dir: str | Path, image_size: int = 112, seed: int = 0) -> Path:
-    """Write config, weights and processor files to `out_dir` and return it."""
+def build_tiny_checkpoint(
+    out_dir: str | Path, image_size: int | None = None, seed: int = 0, preset: str = "tiny"
+) -> Path:
+    """Write config, weights and processor files to `out_dir` and return it.
+
+    `image_size` defaults to the preset's own (112 for `tiny`).
+    """
+    config = PRESETS[preset]() if image_size is None else PRESETS[preset](image_size)
+    image_size = config.image_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(image_size)
     config.save_pretrained(out_dir)
-    save_file(tiny_state_dict(config, seed), out_dir / "model.safetensors", metadata={"format": "pt"})
+    # The pinned safetensors writes from the tensors' own memory: no second copy of the weights.
+    save_file(random_state_dict(config, seed), out_dir / "model.safetensors", metadata={"format": "pt"})
     vocab, merges = clip_vocab_and_merges()
     grid = image_size // PATCH_SIZE
     processor = Sam3Processor(
@@ -182,9 +235,9 @@ def build_tiny_checkpoint(out_dir: str | Path, image_size: int = 112, seed: int 
     )
     processor.save_pretrained(out_dir)
     (out_dir / TINY_MARKER_FILE).write_text(
-        "Tiny random-weight SAM 3 checkpoint built by deployments.core.tiny_checkpoint.\n"
+        f"Random-weight SAM 3 checkpoint ({preset} preset) built by deployments.core.tiny_checkpoint.\n"
         "Its masks, boxes and scores are MEANINGLESS. It exists to test the real loading and serving code.\n"
-        + json.dumps({"image_size": image_size, "seed": seed}) + "\n"
+        + json.dumps({"preset": preset, "image_size": image_size, "seed": seed}) + "\n"
     )
     return out_dir
 
@@ -192,15 +245,17 @@ def build_tiny_checkpoint(out_dir: str | Path, image_size: int = 112, seed: int 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--size", type=int, default=112, help=f"model resolution, a multiple of {PATCH_SIZE}")
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--size", type=int, help=f"model resolution, a multiple of {PATCH_SIZE} (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     started = time.perf_counter()
-    out_dir = build_tiny_checkpoint(args.out_dir, args.size, args.seed)
+    out_dir = build_tiny_checkpoint(args.out_dir, args.size, args.seed, args.preset)
     size_mb = sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6
+    image_size = json.loads((out_dir / "config.json").read_text())["tracker_config"]["image_size"]
     print(
-        f"built tiny SAM 3 checkpoint at {out_dir} ({size_mb:.1f} MB, {time.perf_counter() - started:.1f} s, "
-        f"{args.size}x{args.size}). Its masks are meaningless: random weights, for tests and demos only."
+        f"built {args.preset} SAM 3 checkpoint at {out_dir} ({size_mb:.1f} MB, {time.perf_counter() - started:.1f} s, "
+        f"{image_size}x{image_size}). Its masks are meaningless: random weights, for tests and benchmarks only."
     )
 
 

@@ -1,6 +1,6 @@
-"""The tiny checkpoint: deterministic, in the real `facebook/sam3` layout, loadable by both heads.
+"""The random-weight checkpoints: deterministic, in the real `facebook/sam3` layout, loadable by both heads.
 
-Its masks are meaningless (random weights); these tests check its layout and calibration only.
+Their masks are meaningless (random weights); these tests check layout, sizes and calibration only.
 """
 
 from __future__ import annotations
@@ -15,10 +15,21 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoConfig, Sam3Model, Sam3Processor, Sam3TrackerModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3VideoModel
 
-from deployments.core.tiny_checkpoint import TINY_MARKER_FILE, build_tiny_checkpoint, tiny_config
+from deployments.core.checkpoint import load_sam3
+from deployments.core.tiny_checkpoint import PRESETS, TINY_MARKER_FILE, build_tiny_checkpoint
 from tests.conftest import random_image
+
+# facebook/sam3 (see /work/shared/notes/sam3-model.md): ~840M parameters, 446M of them the ViT.
+REAL_PARAMS = 840e6
+REAL_VIT_PARAMS = 446e6
+
+
+@pytest.fixture(scope="module")
+def mid_dir(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("mid"), preset="mid")
 
 
 def test_cli_builds_the_same_bytes_twice(tmp_path):
@@ -33,7 +44,9 @@ def test_cli_builds_the_same_bytes_twice(tmp_path):
         for name in ("first", "second")
     }
     assert digests["first"] == digests["second"]
-    assert "meaningless" in (tmp_path / "first" / TINY_MARKER_FILE).read_text().lower()
+    marker = (tmp_path / "first" / TINY_MARKER_FILE).read_text()
+    assert "meaningless" in marker.lower()
+    assert json.loads(marker.splitlines()[-1]) == {"preset": "tiny", "image_size": 56, "seed": 0}
 
 
 def test_layout_mirrors_facebook_sam3(tiny_dir):
@@ -64,10 +77,45 @@ def test_resolution_is_a_parameter(tiny_dir):
     assert Sam3Processor.from_pretrained(tiny_dir).image_processor.size["height"] == size
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("size", [0, 50, 100])
-def test_resolution_must_be_a_multiple_of_the_patch(size):
+def test_resolution_must_be_a_multiple_of_the_patch(preset, size):
     with pytest.raises(ValueError, match="multiple of 14"):
-        tiny_config(size)
+        PRESETS[preset](size)
+
+
+def test_mid_preset_loads_with_nothing_missing(mid_dir):
+    for model_class in (Sam3Model, Sam3TrackerModel):
+        _, info = model_class.from_pretrained(mid_dir, output_loading_info=True)
+        assert not info["missing_keys"], f"{model_class.__name__} missing {sorted(info['missing_keys'])[:5]}"
+        assert not info["mismatched_keys"]
+    assert load_sam3(str(mid_dir)).geometry.image_size == 504
+    marker = (mid_dir / TINY_MARKER_FILE).read_text()
+    assert "meaningless" in marker.lower() and json.loads(marker.splitlines()[-1])["preset"] == "mid"
+
+
+@torch.inference_mode()
+def test_mid_preset_cost_is_its_vit(mid_dir):
+    model = Sam3Model.from_pretrained(mid_dir).eval()
+    pixels = torch.zeros(1, 3, 504, 504)
+    tokens = torch.ones(1, 32, dtype=torch.long)
+    with FlopCounterMode(display=False) as vit:
+        model.vision_encoder.backbone(pixels)
+    with FlopCounterMode(display=False) as request:
+        model(pixel_values=pixels, input_ids=tokens, attention_mask=tokens)
+    assert vit.get_total_flops() > 0.8 * request.get_total_flops()
+
+
+def test_full_preset_is_facebook_sam3():
+    config = PRESETS["full"]()
+    assert config.image_size == 1008
+    assert config.tracker_config.vision_config.backbone_feature_sizes == [[288, 288], [144, 144], [72, 72]]
+    with torch.device("meta"):
+        model = Sam3VideoModel(config)
+    total = sum(p.numel() for p in model.parameters())
+    vit = sum(p.numel() for p in model.detector_model.vision_encoder.backbone.parameters())
+    assert abs(total / REAL_PARAMS - 1) < 0.05, f"{total / 1e6:.0f}M parameters"
+    assert abs(vit / REAL_VIT_PARAMS - 1) < 0.02, f"ViT {vit / 1e6:.0f}M parameters"
 
 
 @torch.inference_mode()
