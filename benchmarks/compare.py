@@ -1,0 +1,610 @@
+"""Side by side in one run: transformers, our core, the application over HTTP and the handle, and Serve's floor.
+
+    python -m benchmarks.compare [--preset tiny|mid|full | --checkpoint DIR] [--device cpu] [--requests 16]
+                                 [--concurrency 1,8,32] [--only inprocess,http,handle,floor] [--markdown]
+
+Same 640x480 photo (scikit-image's chelsea as a JPEG file, and its pixels as a numpy array) and the same
+text prompt everywhere:
+  inprocess  transformers' own pipeline one image at a time (what a user writes), and our core
+             (`Sam3Pipeline.segment`), each in this process;
+  http       the application through `Sam3HttpClient.run` at each concurrency (threads), batching on and off;
+  handle     the same through `Sam3HandleClient.run`, from this driver process;
+  floor      a bare Serve application of the same shape (HTTP -> ingress -> three chained handle calls, no
+             work), with small payloads and with a 3 MB and a 6 MB array between stages, and an HTTP echo.
+The application starts as the tests start it (`cpu_config` + `serve run` on a fresh local Ray), with each
+autoscaled deployment held at its minimum replica count, so figures do not depend on how long a
+configuration runs. Server stage times (`SegmentResponse.timings_ms`) and the model pool's `stats()` are
+printed when the running code has them, "-" otherwise, so the same command measures older commits too.
+Random-weight checkpoints cost the same compute as real ones; their masks are meaningless.
+"""
+
+import argparse
+import gc
+import hashlib
+import inspect
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import numpy as np
+import ray
+import torch
+import transformers
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from PIL import Image
+from ray import serve
+from skimage import data
+from transformers import Sam3Model, Sam3Processor
+
+from client import Sam3HandleClient, Sam3HttpClient
+from client.errors import Sam3Error
+from client.images import encode_image
+from client.rle import decode_mask
+from deployments.core import tiny_checkpoint
+from deployments.core.checkpoint import load_sam3
+from deployments.core.pipeline import Sam3Pipeline
+from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
+
+SECTIONS = ("inprocess", "http", "handle", "floor")
+PRESETS = ("tiny", "mid", "full")
+MODEL_POOL = "Sam3ModelPool"
+# Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
+SERVER_STAGES = ("preprocess", "queue", "model", "postprocess")
+CLIENT_TIMEOUT_S = 1800.0
+IN_PROCESS_WARMUP = 3
+STAGE_SAMPLES = 5
+FLOOR_REQUESTS = 50
+FLOOR_WARMUP = 5
+ECHO_BODY_BYTES = 900_000
+ECHO_NAME = f"HTTP echo, {ECHO_BODY_BYTES // 1000} kB body"
+FLOOR_CHAINS = {
+    "bare chain, small payload": (0, 0),
+    "bare chain, 3 MB then 6 MB array between stages": (3_000_000, 6_000_000),
+}
+
+
+@dataclass
+class Measurement:
+    """One configuration's timed requests; figures the running code cannot give stay None."""
+
+    name: str
+    latencies_s: list[float]
+    wall_s: float
+    errors: int = 0
+    mean_batch: float | None = None
+    busy_fraction: float | None = None
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.latencies_s) / self.wall_s
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) * 1000
+
+
+# ---------------------------------------------------------------- inputs, checkpoint, header
+
+
+def write_photo(path: Path) -> np.ndarray:
+    """A real photo (so the JPEG has a typical size) at 640x480; returns the pixels the server decodes from it."""
+    Image.fromarray(data.chelsea()).resize((640, 480), Image.Resampling.BICUBIC).save(path, quality=90)
+    return np.array(Image.open(path).convert("RGB"))
+
+
+def preset_checkpoint(preset: str) -> Path:
+    """Build the preset's random-weight checkpoint once into .cache/benchmarks, keyed by the builder's source."""
+    source_hash = hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
+    out_dir = REPO / ".cache" / "benchmarks" / f"{preset}-{source_hash}"
+    if not (out_dir / "model.safetensors").exists():
+        if "preset" not in inspect.signature(tiny_checkpoint.build_tiny_checkpoint).parameters:
+            if preset != "tiny":
+                sys.exit("this commit's checkpoint builder has no presets: build one and pass --checkpoint DIR")
+            return tiny_checkpoint.build_tiny_checkpoint(out_dir, image_size=112)
+        tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)
+    return out_dir
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def print_header(args, checkpoint: Path, photo: Path) -> None:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    source = f"preset {args.preset}" if args.checkpoint is None else "given directory"
+    print(f"# benchmarks.compare, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}")
+    threads = torch.get_num_threads()
+    print(f"machine: {os.cpu_count()} CPUs ({cpu_name()}), torch threads in this process {threads}, GPU {gpu}")
+    print(
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, ray {ray.__version__}"
+    )
+    print(f"checkpoint: {source}, {checkpoint} (random weights: masks meaningless, compute as real)")
+    print(
+        f"device {args.device}; image {photo.name} 640x480 JPEG ({photo.stat().st_size // 1000} kB) and its pixels "
+        f"as a numpy array; text prompt {args.text!r}; {args.requests} timed requests per configuration "
+        f"(at least one per thread), after a warm-up"
+    )
+    print()
+
+
+# ---------------------------------------------------------------- timing helpers
+
+
+def median_ms(function: Callable[[], object], repeats: int = STAGE_SAMPLES) -> float:
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+def time_sequential(name: str, function: Callable[[], object], requests: int, warmup: int) -> Measurement:
+    """One call at a time, as a user's loop runs; throughput is calls over the loop's wall time."""
+    print(f"measuring {name}", file=sys.stderr)
+    for _ in range(warmup):
+        function()
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(requests):
+        call_started = time.perf_counter()
+        function()
+        latencies.append(time.perf_counter() - call_started)
+    return Measurement(name, latencies, time.perf_counter() - started)
+
+
+def warm_up(function: Callable[[], object], concurrency: int) -> None:
+    """One call per thread, all at once: connections, replicas and caches are ready before timing."""
+    with ThreadPoolExecutor(max_workers=concurrency) as threads:
+        list(threads.map(lambda _: function(), range(concurrency)))
+
+
+def time_concurrent(name: str, function: Callable[[], object], requests: int, concurrency: int) -> Measurement:
+    """`concurrency` threads calling back to back (closed loop), at least one call per thread."""
+
+    def timed_call(_) -> float | None:
+        started = time.perf_counter()
+        try:
+            function()
+        except Sam3Error as error:
+            print(f"  {name}: {type(error).__name__}: {error}", file=sys.stderr)
+            return None
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=concurrency) as threads:
+        started = time.perf_counter()
+        results = list(threads.map(timed_call, range(max(requests, concurrency))))
+        wall_s = time.perf_counter() - started
+    latencies = [latency for latency in results if latency is not None]
+    return Measurement(name, latencies, wall_s, errors=len(results) - len(latencies))
+
+
+# ---------------------------------------------------------------- in process
+
+
+def transformers_segmenter(checkpoint: Path, device: str, text: str) -> Callable[[object], dict]:
+    """What a transformers user writes: processor -> model -> post_process_instance_segmentation."""
+    processor = Sam3Processor.from_pretrained(checkpoint)
+    model = Sam3Model.from_pretrained(checkpoint).to(device).eval()
+
+    @torch.inference_mode()
+    def segment(image) -> dict:
+        if isinstance(image, Path):
+            image = Image.open(image).convert("RGB")
+        inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+        outputs = model(**inputs)
+        result = processor.post_process_instance_segmentation(
+            outputs, threshold=0.5, mask_threshold=0.5, target_sizes=inputs["original_sizes"].tolist()
+        )[0]
+        return {key: value.cpu() for key, value in result.items()}  # the user's masks, on the host
+
+    return segment
+
+
+def measure_in_process(checkpoint: Path, args, inputs: dict[str, object]) -> list[Measurement]:
+    """transformers, then our core, each alone in this process: one's models are freed before the next loads."""
+    segment = transformers_segmenter(checkpoint, args.device, args.text)
+    rows = [
+        time_sequential(f"transformers in process, {label}", partial(segment, image), args.requests, IN_PROCESS_WARMUP)
+        for label, image in inputs.items()
+    ]
+    del segment
+    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device))
+    for label, image in inputs.items():
+        source = str(image) if isinstance(image, Path) else image
+        core = partial(pipeline.segment, source, text=args.text)
+        rows.append(time_sequential(f"our core in process, {label}", core, args.requests, IN_PROCESS_WARMUP))
+    del pipeline
+    gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------- the application
+
+
+def start_ray() -> str:
+    """A fresh local Ray instance, as the tests start it (logical CPUs, so fractional replicas fit)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    return context.address_info["gcs_address"]
+
+
+def app_config(checkpoint: Path, port: int, device: str, max_batch_size: int | None) -> dict:
+    """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas."""
+    if device == "cpu":
+        config = cpu_config(str(checkpoint), port)
+    else:
+        config = yaml.safe_load(SERVE_CONFIG.read_text())
+        config["applications"][0]["args"].update(checkpoint=str(checkpoint), device=device)
+        config["http_options"].update(host="127.0.0.1", port=port)
+    for deployment in config["applications"][0]["deployments"]:
+        autoscaling = deployment.get("autoscaling_config")
+        if autoscaling is not None:  # pinned, not removed: the code's own autoscaling_config would apply
+            replicas = max(1, autoscaling.get("min_replicas", 1))
+            autoscaling.pop("initial_replicas", None)
+            autoscaling.update(min_replicas=replicas, max_replicas=replicas)
+        if deployment["name"] == MODEL_POOL and max_batch_size is not None:
+            deployment["user_config"] = {**deployment.get("user_config", {}), "max_batch_size": max_batch_size}
+    return config
+
+
+def redeploy(config: dict, path: Path, ray_address: str) -> str:
+    """`serve run` a changed config over the running app and wait until the controller has applied it.
+
+    A user_config-only change is applied live, so the app may still read RUNNING from before it.
+    """
+    deployed_before = serve.status().applications[APP_NAME].last_deployed_time_s
+    url = serve_run(config, path, ray_address)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = serve.status().applications[APP_NAME]
+        if status.last_deployed_time_s != deployed_before and status.status == "RUNNING":
+            return url
+        time.sleep(0.5)
+    raise TimeoutError(f"the new configuration of {APP_NAME} was not applied within 120 s: {status}")
+
+
+def model_pool_stats() -> dict | None:
+    """Cumulative batch sizes and busy seconds of the model replica; None when there is not exactly one.
+
+    `stats()` is new; older code answers only `batch_size_counts()` (no busy time).
+    """
+    replicas = serve.status().applications[APP_NAME].deployments[MODEL_POOL].replica_states.get("RUNNING", 0)
+    if replicas != 1:
+        return None
+    handle = serve.get_deployment_handle(MODEL_POOL, APP_NAME)
+    try:
+        return handle.stats.remote().result(timeout_s=60)
+    except Exception:  # the method does not exist in this commit (Ray wraps the AttributeError)
+        return {"batch_sizes": handle.batch_size_counts.remote().result(timeout_s=60), "busy_s": None}
+
+
+def batch_and_busy(before: dict | None, after: dict | None, wall_s: float) -> tuple[float | None, float | None]:
+    """Mean batch size and busy fraction of the model replica over one configuration's timed requests."""
+    if before is None or after is None:
+        return None, None
+    sizes = Counter({int(k): v for k, v in after["batch_sizes"].items()})
+    sizes.subtract({int(k): v for k, v in before["batch_sizes"].items()})
+    batches = sum(sizes.values())
+    mean_batch = sum(size * count for size, count in sizes.items()) / batches if batches else None
+    if before.get("busy_s") is None or after.get("busy_s") is None:
+        return mean_batch, None
+    return mean_batch, (after["busy_s"] - before["busy_s"]) / wall_s
+
+
+def record_responses(client, responses: list) -> None:
+    """Keep every raw `SegmentResponse` that `run()` receives, without changing the path `run()` takes.
+
+    The server's stage timings and the masks for the client decode time are read from them afterwards.
+    """
+    segment_with_retries = client._segment_with_retries
+
+    def recorded(request, timeout):
+        response = segment_with_retries(request, timeout)
+        responses.append(response)
+        return response
+
+    client._segment_with_retries = recorded
+
+
+def server_stage_means_ms(responses: list) -> dict[str, float]:
+    """The mean of each stage the server reports in `timings_ms` (nothing when this commit sends none)."""
+    samples: dict[str, list[float]] = {}
+    for response in responses:
+        for stage, ms in (getattr(response, "timings_ms", None) or {}).items():
+            samples.setdefault(f"server {stage}", []).append(ms)
+    return {stage: statistics.fmean(values) for stage, values in samples.items()}
+
+
+def client_decode_ms(responses: list) -> float | None:
+    """What `run()` decodes: the union mask, timed on a few of the responses."""
+    samples = [median_ms(partial(decode_mask, response.union_mask), 1) for response in responses[:STAGE_SAMPLES]]
+    return statistics.median(samples) if samples else None
+
+
+def measure_client(name: str, client, responses: list, image, args, concurrency: int) -> Measurement:
+    """`client.run` under load, with the model replica's stats around it and the stage times after it."""
+    print(f"measuring {name}", file=sys.stderr)
+
+    def segment() -> None:
+        client.run(image, text=args.text)
+
+    warm_up(segment, concurrency)
+    responses.clear()
+    stats_before = model_pool_stats()
+    measurement = time_concurrent(name, segment, args.requests, concurrency)
+    measurement.mean_batch, measurement.busy_fraction = batch_and_busy(
+        stats_before, model_pool_stats(), measurement.wall_s
+    )
+    measurement.stages_ms = {
+        "client encode": median_ms(partial(encode_image, image, timeout=None)),
+        **server_stage_means_ms(responses),
+        "client decode": client_decode_ms(responses),
+    }
+    return measurement
+
+
+def measure_application(
+    checkpoint: Path, args, inputs: dict[str, object], ray_address: str, port: int, workdir: Path
+) -> list[Measurement]:
+    """Each transport at each concurrency with the photo path, and with the array at concurrency 1."""
+    runs = [("photo path", c) for c in args.concurrency] + [("numpy array", 1)]
+    rows = []
+    for index, (batching, max_batch_size) in enumerate((("batching on", None), ("batching off", 1))):
+        config = app_config(checkpoint, port, args.device, max_batch_size)
+        path = workdir / f"{batching.replace(' ', '-')}.yaml"
+        url = serve_run(config, path, ray_address) if index == 0 else redeploy(config, path, ray_address)
+        for transport in [transport for transport in ("http", "handle") if transport in args.only]:
+            if transport == "http":
+                client, label = Sam3HttpClient(url, timeout=CLIENT_TIMEOUT_S), "HTTP"
+            else:
+                client, label = Sam3HandleClient(APP_NAME, timeout=CLIENT_TIMEOUT_S), "handle"
+            responses: list = []
+            record_responses(client, responses)
+            for input_label, concurrency in runs:
+                name = f"{label}, {input_label}, c={concurrency}, {batching}"
+                rows.append(measure_client(name, client, responses, inputs[input_label], args, concurrency))
+            if transport == "http":
+                client.close()
+    return rows
+
+
+# ---------------------------------------------------------------- the bare Serve floor
+
+floor_api = FastAPI()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class FloorStage:
+    """Does no work: hands on an array of the asked size, made once, so only Serve's hops are timed."""
+
+    def __init__(self):
+        self.arrays: dict[int, np.ndarray] = {}
+
+    def forward(self, previous: np.ndarray | None, out_bytes: int) -> np.ndarray:
+        if out_bytes not in self.arrays:
+            self.arrays[out_bytes] = np.zeros(out_bytes, dtype=np.uint8)
+        return self.arrays[out_bytes]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(floor_api)
+class FloorIngress:
+    """The application's shape with no work: three chained calls, each stage's response passed on unawaited."""
+
+    def __init__(self, first, second, third):
+        self.stages = (first, second, third)
+
+    @floor_api.post("/chain")
+    async def chain(self, first_bytes: int = 0, second_bytes: int = 0) -> dict:
+        first, second, third = self.stages
+        into_second = first.forward.remote(None, first_bytes)
+        into_third = second.forward.remote(into_second, second_bytes)
+        await third.forward.remote(into_third, 0)
+        return {"ok": True}
+
+    @floor_api.post("/echo")
+    async def echo(self, request: Request) -> Response:
+        return Response(await request.body(), media_type="application/octet-stream")
+
+
+def post_ok(http: httpx.Client, path: str, **kwargs) -> None:
+    http.post(path, **kwargs).raise_for_status()
+
+
+def measure_floor(url: str) -> list[Measurement]:
+    """p50 at concurrency 1 of the bare chain with small and large payloads, and of an HTTP echo."""
+    stages = [FloorStage.options(name=f"FloorStage{i}").bind() for i in (1, 2, 3)]
+    serve.run(FloorIngress.bind(*stages), name="floor", route_prefix="/floor")
+    rows = []
+    with httpx.Client(base_url=f"{url}/floor", timeout=60) as http:
+        for name, (first_bytes, second_bytes) in FLOOR_CHAINS.items():
+            params = {"first_bytes": first_bytes, "second_bytes": second_bytes}
+            chain = partial(post_ok, http, "/chain", params=params)
+            rows.append(time_sequential(name, chain, FLOOR_REQUESTS, FLOOR_WARMUP))
+        echo = partial(post_ok, http, "/echo", content=os.urandom(ECHO_BODY_BYTES))
+        rows.append(time_sequential(ECHO_NAME, echo, FLOOR_REQUESTS, FLOOR_WARMUP))
+    serve.delete("floor")
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(title: str, headers: list[str], rows: list[list[str]], markdown: bool) -> None:
+    print(f"### {title}" if markdown else title)
+    if markdown:
+        print("| " + " | ".join(headers) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(cells[i]) for cells in [headers, *rows]) for i in range(len(headers))]
+        for name, *figures in [headers, *rows]:
+            aligned = [name.ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(figures, widths[1:]))]
+            print("  ".join(aligned))
+    print()
+
+
+def stage_columns(rows: list[Measurement]) -> list[str]:
+    """The client's stages around the server's, in data-path order; stages only a newer server sends come last."""
+    sent = {stage for row in rows for stage in row.stages_ms if stage.startswith("server ")}
+    known = [f"server {stage}" for stage in SERVER_STAGES]
+    return ["client encode", *known, *sorted(sent - set(known)), "client decode"]
+
+
+def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, served: bool) -> None:
+    """Throughput and latency; for the served rows also the model replica's figures and the time per stage."""
+    headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms"]
+    stages = stage_columns(rows) if served else []
+    if served:
+        headers += ["errors", "mean batch", "model busy", *[f"{stage} ms" for stage in stages]]
+    table = []
+    for row in rows:
+        cells = [row.name, f"{row.images_per_s:.2f}", *(format_ms(row.percentile_ms(q)) for q in (50, 95, 99))]
+        if served:
+            busy = "-" if row.busy_fraction is None else f"{row.busy_fraction:.0%}"
+            cells += [str(row.errors), format_ms(row.mean_batch, 2), busy]
+            cells += [format_ms(row.stages_ms.get(stage)) for stage in stages]
+        table.append(cells)
+    print_table(title, headers, table, markdown)
+
+
+def print_floor(rows: list[Measurement], markdown: bool) -> None:
+    table = [[row.name, format_ms(row.percentile_ms(50)), format_ms(row.percentile_ms(95))] for row in rows]
+    print_table("Bare Ray Serve floor, concurrency 1", ["configuration", "p50 ms", "p95 ms"], table, markdown)
+
+
+def find(rows: list[Measurement], name: str) -> Measurement | None:
+    return next((row for row in rows if row.name == name), None)
+
+
+def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str:
+    if numerator is None or denominator is None:
+        return "-"
+    return f"{numerator.images_per_s / denominator.images_per_s:.2f}x"
+
+
+def print_targets(rows: list[Measurement], args) -> None:
+    """The figures issue 8 sets targets on, from this run's rows ("-" where a section was not run)."""
+
+    def p50(name: str) -> float | None:
+        row = find(rows, name)
+        return None if row is None else row.percentile_ms(50)
+
+    def in_ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} ms"
+
+    def overhead(label: str) -> str:
+        application, core = p50(f"HTTP, {label}, c=1, batching on"), p50(f"our core in process, {label}")
+        return in_ms(None if application is None or core is None else application - core)
+
+    floor = [in_ms(p50(name)) for name in [*FLOOR_CHAINS, ECHO_NAME]]
+    http_8 = find(rows, "HTTP, photo path, c=8, batching on")
+    transformers_alone = find(rows, "transformers in process, photo path")
+    batching_off = find(rows, "HTTP, photo path, c=8, batching off")
+    source = f"preset {args.preset}" if args.checkpoint is None else str(args.checkpoint)
+    lines = [
+        f"overhead, HTTP p50 at c=1 minus our core's p50: photo path {overhead('photo path')} (target <= 30 ms on "
+        f"the 2-core machine), numpy array {overhead('numpy array')} (target <= 40 ms)",
+        f"bare-chain floor p50: small payload {floor[0]}, 3 MB + 6 MB arrays {floor[1]}; "
+        f"HTTP echo of 900 kB {floor[2]}",
+        f"c=8, photo path, HTTP: application / transformers in process {ratio(http_8, transformers_alone)} "
+        f"(target >= 1.0x on CPU, mid preset); batching on / off {ratio(http_8, batching_off)} (target >= 1.0x)",
+        f"this run: {source}, device {args.device}",
+    ]
+    print("### Targets (issue 8)" if args.markdown else "Targets (issue 8)")
+    for line in lines:
+        print(f"- {line}" if args.markdown else f"  {line}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=PRESETS, default="tiny", help="random-weight checkpoint to build and use")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory instead of a preset")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the application runs the GPU profile"
+    )
+    parser.add_argument("--requests", type=int, default=16, help="timed requests per configuration")
+    parser.add_argument("--concurrency", default="1,8,32", help="client threads, comma-separated")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
+    parser.add_argument("--text", default="cat", help="the text prompt")
+    parser.add_argument("--markdown", action="store_true", help="print tables for benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.only = args.only.split(",")
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if args.checkpoint is not None:
+        args.preset = None
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    checkpoint = args.checkpoint or preset_checkpoint(args.preset)
+    workdir = Path(tempfile.mkdtemp(prefix="sam3-compare-"))
+    photo = workdir / "chelsea-640x480.jpg"
+    inputs = {"photo path": photo, "numpy array": write_photo(photo)}
+    print_header(args, checkpoint, photo)
+    in_process = measure_in_process(checkpoint, args, inputs) if "inprocess" in args.only else []
+    served, floor = [], []
+    if {"http", "handle", "floor"} & set(args.only):
+        ray_address = start_ray()
+        try:
+            port = free_port()
+            if {"http", "handle"} & set(args.only):
+                served = measure_application(checkpoint, args, inputs, ray_address, port, workdir)
+            else:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+            if "floor" in args.only:
+                floor = measure_floor(f"http://127.0.0.1:{port}")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    if in_process:
+        print_measurements("In one process, one image at a time", in_process, args.markdown, served=False)
+    if served:
+        title = "The application, through the clients' run() (server stages: mean ms; client stages: median ms)"
+        print_measurements(title, served, args.markdown, served=True)
+    if floor:
+        print_floor(floor, args.markdown)
+    print_targets(in_process + served + floor, args)
+
+if __name__ == "__main__":
+    main()
