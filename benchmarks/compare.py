@@ -9,6 +9,8 @@ text prompt everywhere:
              (`Sam3Pipeline.segment`), each in this process;
   http       the application through `Sam3HttpClient.run` at each concurrency (threads), batching on and off;
   handle     the same through `Sam3HandleClient.run`, from this driver process;
+  prompts    our core in this process with one text and with four on the same photo (one vision pass),
+             each with texts new to it on every call and with texts it has seen (cached encodings);
   floor      a bare Serve application of the same shape (HTTP -> ingress -> three chained handle calls, no
              work), with small payloads and with a 3 MB and a 6 MB array between stages, and an HTTP echo.
 The application starts as the tests start it (`cpu_config` + `serve run` on a fresh local Ray), with each
@@ -22,6 +24,7 @@ import argparse
 import gc
 import hashlib
 import inspect
+import itertools
 import os
 import platform
 import statistics
@@ -59,7 +62,8 @@ from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import Sam3Pipeline
 from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
 
-SECTIONS = ("inprocess", "http", "handle", "floor")
+SECTIONS = ("inprocess", "prompts", "http", "handle", "floor")
+PROMPT_COUNTS = (1, 4)
 PRESETS = ("tiny", "mid", "full")
 MODEL_POOL = "Sam3ModelPool"
 # Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
@@ -240,6 +244,25 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, object]) -> lis
         source = str(image) if isinstance(image, Path) else image
         core = partial(pipeline.segment, source, text=args.text)
         rows.append(time_sequential(f"our core in process, {label}", core, args.requests, IN_PROCESS_WARMUP))
+    del pipeline
+    gc.collect()
+    return rows
+
+
+def measure_prompts(checkpoint: Path, args, photo: Path) -> list[Measurement]:
+    """One request with several texts against one with a single text, on the same photo, in this process."""
+    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device))
+    fresh = itertools.count()
+    rows = []
+    for count in PROMPT_COUNTS:
+
+        def new_texts(count=count) -> object:
+            return pipeline.segment(str(photo), text=[f"{args.text} {next(fresh)}" for _ in range(count)])
+
+        seen = [f"{args.text} {index}" for index in range(count)]
+        rows.append(time_sequential(f"our core, {count} text(s), new each call", new_texts, args.requests, IN_PROCESS_WARMUP))
+        cached = partial(pipeline.segment, str(photo), text=seen)
+        rows.append(time_sequential(f"our core, {count} text(s), cached", cached, args.requests, IN_PROCESS_WARMUP))
     del pipeline
     gc.collect()
     return rows
@@ -533,6 +556,11 @@ def print_targets(rows: list[Measurement], args) -> None:
     http_8 = find(rows, "HTTP, photo path, c=8, batching on")
     transformers_alone = find(rows, "transformers in process, photo path")
     batching_off = find(rows, "HTTP, photo path, c=8, batching off")
+    four_over_one = [
+        f"{p50(f'our core, {PROMPT_COUNTS[-1]} text(s), {kind}') / p50(f'our core, 1 text(s), {kind}'):.2f}x"
+        if p50(f"our core, 1 text(s), {kind}") else "-"
+        for kind in ("new each call", "cached")
+    ]
     source = f"preset {args.preset}" if args.checkpoint is None else str(args.checkpoint)
     lines = [
         f"overhead, HTTP p50 at c=1 minus our core's p50: photo path {overhead('photo path')} (target <= 30 ms on "
@@ -541,6 +569,8 @@ def print_targets(rows: list[Measurement], args) -> None:
         f"HTTP echo of 900 kB {floor[2]}",
         f"c=8, photo path, HTTP: application / transformers in process {ratio(http_8, transformers_alone)} "
         f"(target >= 1.0x on CPU, mid preset); batching on / off {ratio(http_8, batching_off)} (target >= 1.0x)",
+        f"{PROMPT_COUNTS[-1]} texts in one request / 1 text, p50: texts new each call {four_over_one[0]}, "
+        f"cached {four_over_one[1]} (target <= 1.5x)",
         f"this run: {source}, device {args.device}",
     ]
     print("### Targets (issue 8)" if args.markdown else "Targets (issue 8)")
@@ -583,6 +613,7 @@ def main() -> None:
     inputs = {"photo path": photo, "numpy array": write_photo(photo)}
     print_header(args, checkpoint, photo)
     in_process = measure_in_process(checkpoint, args, inputs) if "inprocess" in args.only else []
+    prompts = measure_prompts(checkpoint, args, photo) if "prompts" in args.only else []
     served, floor = [], []
     if {"http", "handle", "floor"} & set(args.only):
         ray_address = start_ray()
@@ -599,12 +630,14 @@ def main() -> None:
             ray.shutdown()
     if in_process:
         print_measurements("In one process, one image at a time", in_process, args.markdown, served=False)
+    if prompts:
+        print_measurements("Several texts in one request, in one process", prompts, args.markdown, served=False)
     if served:
         title = "The application, through the clients' run() (server stages: mean ms; client stages: median ms)"
         print_measurements(title, served, args.markdown, served=True)
     if floor:
         print_floor(floor, args.markdown)
-    print_targets(in_process + served + floor, args)
+    print_targets(in_process + prompts + served + floor, args)
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 import torch
@@ -53,6 +53,7 @@ class FakeRunner:
 def pool_with(runner) -> Sam3ModelPool:
     pool = object.__new__(Sam3ModelPool.func_or_class)
     pool.runner, pool.batch_sizes = runner, Counter()
+    pool._torch_threads, pool._model_threads, pool._model_thread_count = None, deque(), 0
     pool.models = type("Models", (), {"device": torch.device("cpu")})()
     pool.batch_size_metric = type("Metric", (), {"observe": lambda self, value: None})()
     return pool
