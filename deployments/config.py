@@ -38,7 +38,9 @@ class AppArgs(BaseModel):
     )
     text_cache_size: int = Field(1024, ge=0, description="Text encodings a model replica keeps across requests.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
-    max_prompt_items: int = Field(64, ge=1, description="Most points, or most boxes, in one request.")
+    max_prompt_items: int = Field(
+        64, ge=1, description="Most points or boxes in one prompt, and most texts or box sets in one request."
+    )
     max_body_bytes: int = Field(
         100_000_000, ge=1, description="Larger request bodies are refused (base64 makes images 4/3 larger)."
     )

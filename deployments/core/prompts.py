@@ -212,7 +212,7 @@ def _as_list_of_prompts(value, name: str, max_items: int | None) -> list:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, (list, tuple)) or not values:
         raise InvalidPromptError(f"{name} must be a non-empty list")
-    _check_count(len(values), name, max_items)
+    _check_count(len(values), f"{name} entries", max_items)
     return list(values)
 
 

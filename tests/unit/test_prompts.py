@@ -558,3 +558,45 @@ def test_property_garbage_points_only_invalid_prompt(points, labels):
         return
     assert scaled.dtype == np.float32 and scaled.ndim == 2 and scaled.shape[1] == 2
     assert out_labels.dtype == np.int64 and out_labels.shape == (scaled.shape[0],)
+
+
+# --- several prompts in one request ----------------------------------------------------------------
+
+
+def _build_all(tokenizer, **kwargs):
+    prompt = {"text": None, "points": None, "boxes": None, "labels": None}
+    prompt.update(kwargs)
+    return build_prompts(
+        **prompt, tokenizer=tokenizer, text_max_tokens=MAX_TOKENS, model_size=MODEL_SIZE, height=40, width=60
+    )
+
+
+def test_several_texts_and_box_sets_give_one_prompt_each_in_order(tokenizer):
+    texts = _build_all(tokenizer, text=["a photo of a cat", "dog"])
+    assert [type(prompt) for prompt in texts] == [ConceptPrompt, ConceptPrompt]
+    np.testing.assert_array_equal(texts[0].text.input_ids[: len(CAT_IDS)], CAT_IDS)
+    np.testing.assert_array_equal(texts[1].text.input_ids, _build(tokenizer, text="dog").text.input_ids)
+    sets = [([[0, 0, 10, 10]], [1]), {"boxes": [[5, 5, 30, 20], [1, 1, 4, 4]], "labels": [1, 0]}]
+    boxes = _build_all(tokenizer, box_sets=sets)
+    assert [prompt.boxes_cxcywh.shape[0] for prompt in boxes] == [1, 2]
+    alone = _build(tokenizer, boxes=[[5, 5, 30, 20], [1, 1, 4, 4]], labels=[1, 0])
+    np.testing.assert_array_equal(boxes[1].boxes_cxcywh, alone.boxes_cxcywh)
+    np.testing.assert_array_equal(boxes[1].box_labels, alone.box_labels)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"text": []}, "text must be a non-empty list"),
+        ({"text": ["cat", " "]}, "non-empty string"),
+        ({"text": ["cat", "dog", "cow"], "max_items": 2}, "3 text entries given; at most 2"),
+        ({"box_sets": []}, "box_sets must be a non-empty list"),
+        ({"box_sets": [([[0, 0, 1, 1]], None)]}, "needs boxes and labels"),
+        ({"box_sets": [([[0, 0, 1, 1]], [1])], "labels": [1]}, "labels go with points or boxes"),
+        ({"box_sets": [([[0, 0, 1, 1]], [1])] * 3, "max_items": 2}, "3 box_sets entries given; at most 2"),
+        ({"text": "cat", "box_sets": [([[0, 0, 1, 1]], [1])]}, "exactly one prompt type"),
+    ],
+)
+def test_bad_prompt_lists_raise_invalid_prompt(tokenizer, kwargs, message):
+    with pytest.raises(InvalidPromptError, match=message):
+        _build_all(tokenizer, **kwargs)
