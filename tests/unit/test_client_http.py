@@ -541,6 +541,13 @@ def test_bad_images_are_refused(client, service, image_input, message):
         ({"points": [[1, 2, 3]], "labels": [1]}, r"each point must be \[x, y\]"),
         ({"boxes": [[0, 0, 1]], "labels": [1]}, r"each box must be \[x0, y0, x1, y1\]"),
         ({"points": [["a", 2]], "labels": [1]}, "invalid prompt: points.0.0"),
+        ({"text": ["cat", ""]}, "non-empty string"),
+        ({"text": []}, "non-empty string or a non-empty list"),
+        ({"text": "cat", "score_threshold": 1.5}, "invalid prompt: score_threshold"),
+        ({"box_sets": [([[0, 0, 1, 1]], [1, 1])]}, "one entry per box"),
+        ({"box_sets": [([[0, 0, 1, 1]], [1])], "labels": [1]}, "labels go inside each box set"),
+        ({"box_sets": [([[0, 0, 1, 1]], [1])], "text": "cat"}, "exactly one prompt type"),
+        ({"box_sets": [[[0, 0, 1, 1]]]}, "each box set must be"),
     ],
 )
 def test_bad_prompts_are_refused(client, service, image_file, kwargs, message):
@@ -566,3 +573,15 @@ def test_prompts_are_checked_before_a_url_is_fetched(client, service):
     with pytest.raises(InvalidPromptError):
         client.run(IMAGE_URL, text="cat", boxes=[[0, 0, 1, 1]], labels=[1])
     assert service.requests == []
+
+
+def test_several_texts_box_sets_and_a_threshold_travel_as_given(client, service, image_file):
+    client.run(image_file, text=["cat", "dog"], score_threshold=0.3)
+    sent = SegmentRequest.model_validate_json(service.api_requests[-1].content)
+    assert sent.text == ["cat", "dog"] and sent.score_threshold == 0.3
+    client.run(image_file, box_sets=[([[0, 0, 3, 4]], [1]), {"boxes": np.array([[1, 1, 2, 2]]), "labels": [0]}])
+    sent = SegmentRequest.model_validate_json(service.api_requests[-1].content)
+    assert [(box_set.boxes, box_set.labels) for box_set in sent.box_sets] == [
+        ([[0, 0, 3, 4]], [1]),
+        ([[1, 1, 2, 2]], [0]),
+    ]

@@ -380,3 +380,49 @@ def test_png_round_trip(pixels: np.ndarray) -> None:
     out = decode_image(_encode(Image.fromarray(pixels)))
     _assert_rgb(out, pixels.shape[0], pixels.shape[1])
     np.testing.assert_array_equal(out, pixels)
+
+
+# --- raw pixels as .npy (what the clients send for numpy arrays) ------------------------------------
+
+
+def _npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
+def test_npy_pixels_decode_like_the_array_itself(shape):
+    pixels = np.random.default_rng(3).integers(0, 256, size=shape, dtype=np.uint8)
+    decoded = decode_image(_npy(pixels))
+    np.testing.assert_array_equal(decoded, decode_image(pixels))
+    assert decoded.flags.writeable and decoded.flags.c_contiguous
+
+
+def test_npy_bool_pixels_become_0_and_255():
+    np.testing.assert_array_equal(decode_image(_npy(np.eye(3, dtype=bool)))[..., 0], np.eye(3) * 255)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_npy(np.zeros((4, 4, 3), np.uint8))[:-1], "holds 47 bytes of pixels"),
+        (_npy(np.zeros((4, 4, 3), np.uint8))[:20], "invalid .npy image"),
+        (_npy(np.zeros((4, 4, 3), np.float32)), "uint8 or bool"),
+        (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "uint8 or bool"),
+        (_npy(np.asfortranarray(np.zeros((4, 5, 3), np.uint8))), "fortran_order=True"),
+        (_npy(np.zeros((4, 4, 2), np.uint8)), "unsupported .npy image shape"),
+        (_npy(np.zeros((2, 2, 2, 3), np.uint8)), "unsupported .npy image shape"),
+    ],
+)
+def test_bad_npy_images_are_invalid_images(data, message):
+    with pytest.raises(InvalidImageError, match=message):
+        decode_image(data)
+
+
+def test_npy_pixel_limit_is_checked_from_the_header_before_reading_pixels():
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": (20000, 20000)})
+    header_only = buffer.getvalue()  # magic and header; the 400 MB of pixels are not even there
+    with pytest.raises(ImageTooLargeError, match="400000000 pixels"):
+        decode_image(header_only, max_pixels=1000)
