@@ -68,13 +68,13 @@ def build_segmentation(outputs: list[RawOutput], original_size: tuple[int, int],
     instances = _sorted_instances(outputs, height, width)
     chunk_size = masks_per_chunk(height, width, chunk_pixels)
     masks = concept_masks_to_uint8(instances.mask_logits, height, width, chunk_size=chunk_size)
-    objects = [
-        tracker_masks_to_uint8(torch.tensor(output.mask_logits), height, width, chunk_size=1)
-        for output in outputs
-        if isinstance(output, PointOutput)
-    ]
+    union = union_mask(masks, height, width)
+    for output in outputs:
+        if isinstance(output, PointOutput):  # a point prompt's object joins the union, not the instances
+            point_mask = tracker_masks_to_uint8(torch.tensor(output.mask_logits), height, width, chunk_size=1)
+            np.maximum(union, point_mask[0], out=union)
     return Segmentation(
-        union_mask=union_mask(np.concatenate([masks, *objects]), height, width),
+        union_mask=union,
         masks=masks,
         boxes=instances.boxes,
         scores=instances.scores,
