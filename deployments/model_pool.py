@@ -18,12 +18,12 @@ import torch
 from ray import serve
 from ray.serve.metrics import Histogram
 
-from client.errors import RequestTimeoutError, ServiceUnavailableError
+from client.errors import RequestTimeoutError
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
-from deployments.core.checkpoint import load_sam3
+from deployments.core.checkpoint import load_sam3, resolve_device
 from deployments.core.pipeline import prepare_item
-from deployments.core.runner import PreparedItem, RawOutput, Sam3Runner
+from deployments.core.runner import PreparedItem, RawOutput, Sam3Runner, run_isolating_failures
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,12 +35,6 @@ class ModelResult:
     original_size: tuple[int, int]
     outputs: list[RawOutput]
     timings_ms: dict[str, float]
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 @serve.deployment(
@@ -138,32 +132,11 @@ class Sam3ModelPool:
             self._model_threads.appendleft(executor)
 
     def _run_items(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
-        try:
-            return self._results(items, self.runner.run(items))
-        except Exception as error:
-            if len(items) == 1:
-                return [self._typed(error)]
-            logger.warning("batch of %d failed (%r): running its items one at a time", len(items), error)
-            self._release_cached_memory()
-        return [self._run_items([item])[0] for item in items]
-
-    @staticmethod
-    def _results(items: list[PreparedItem], outputs: list[list[RawOutput]]) -> list[ModelResult]:
+        outputs = run_isolating_failures(self.runner, items, self.models.device)
         return [
-            ModelResult(item.original_size, item_outputs, dict(item.timings_ms))
-            for item, item_outputs in zip(items, outputs)
+            result if isinstance(result, Exception) else ModelResult(item.original_size, result, dict(item.timings_ms))
+            for item, result in zip(items, outputs)
         ]
-
-    def _typed(self, error: Exception) -> Exception:
-        """Running out of memory on a single request is the replica's state, not the request's fault."""
-        if isinstance(error, torch.OutOfMemoryError):
-            self._release_cached_memory()
-            return ServiceUnavailableError("the model replica ran out of memory on this request: retry later")
-        return error
-
-    def _release_cached_memory(self) -> None:
-        if self.models.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def batch_size_counts(self) -> dict[int, int]:
         """How many batches of each size this replica ran (for tests and operators)."""

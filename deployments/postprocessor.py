@@ -9,26 +9,8 @@ from ray import serve
 
 from client.protocol import PromptType, SegmentResponse
 from deployments.config import AppArgs
-from deployments.core.postprocess import EncodedSegmentation, encode_segmentation
+from deployments.core.postprocess import encode_segmentation, to_response
 from deployments.model_pool import ModelResult
-
-
-def to_response(
-    segmentation: EncodedSegmentation, prompt_type: PromptType, timings_ms: dict[str, float]
-) -> SegmentResponse:
-    """The wire response; without detections the instance lists are empty and only the union travels."""
-    height, width = segmentation.union_mask.size
-    return SegmentResponse(
-        prompt_type=prompt_type,
-        height=height,
-        width=width,
-        union_mask=segmentation.union_mask,
-        masks=segmentation.masks,
-        boxes=[tuple(float(v) for v in box) for box in segmentation.boxes],
-        scores=[float(score) for score in segmentation.scores],
-        labels=[int(label) for label in segmentation.labels],
-        timings_ms=timings_ms,
-    )
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})

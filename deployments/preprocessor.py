@@ -10,7 +10,7 @@ from ray import serve
 from client.protocol import SegmentRequest
 from deployments.config import AppArgs
 from deployments.core.checkpoint import load_geometry, load_tokenizer
-from deployments.core.pipeline import prepare_item
+from deployments.core.pipeline import prepare_request
 from deployments.core.runner import PreparedItem
 
 
@@ -26,16 +26,10 @@ class Sam3Preprocessor:
 
     def _prepare(self, request: SegmentRequest, deadline: float | None) -> PreparedItem:
         started = time.perf_counter()
-        item = prepare_item(
-            request.image,
+        item = prepare_request(
+            request,
             tokenizer=self.tokenizer,
             geometry=self.geometry,
-            text=request.text,
-            points=request.points,
-            boxes=request.boxes,
-            labels=request.labels,
-            box_sets=request.box_sets,
-            score_threshold=request.score_threshold,
             max_image_pixels=self.max_image_pixels,
             max_prompt_items=self.max_prompt_items,
             deadline=deadline,

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source .ci/venv.sh
-ensure_venv server,tiny,demo,test
+ensure_venv server,jobs,tiny,demo,test
 
 export SAM3_TEST_CACHE="${SAM3_TEST_CACHE:-$PWD/.cache/test}"
 for size in 56 112; do

@@ -77,6 +77,13 @@ def load_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, checkpoint)
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: CUDA when this process has a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> Sam3Models:
     """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode."""
     if dtype not in DTYPES:

@@ -1,19 +1,20 @@
 """The whole data path in one process: decode, prepare, run, post-process.
 
-Tests, the benchmarks and batch jobs use it directly; the Serve deployments split the same pure steps
-across a CPU preprocessor, the GPU model pool and a CPU postprocessor.
+Tests, the benchmarks and batch jobs (`pipelines --via actors`) use it directly; the Serve deployments
+split the same pure steps across a CPU preprocessor, the GPU model pool and a CPU postprocessor.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from client.protocol import SegmentRequest, SegmentResponse
 from deployments.core.checkpoint import ModelGeometry, Sam3Models
 from deployments.core.images import ImageSource, decode_image
-from deployments.core.postprocess import Segmentation, build_segmentation
+from deployments.core.postprocess import Segmentation, build_segmentation, encode_segmentation, to_response
 from deployments.core.preprocess import resize_to_model
 from deployments.core.prompts import build_prompts
-from deployments.core.runner import PreparedItem, Sam3Runner
+from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
 
 
 def prepare_item(
@@ -56,6 +57,32 @@ def prepare_item(
     )
 
 
+def prepare_request(
+    request: SegmentRequest,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    geometry: ModelGeometry,
+    max_image_pixels: int | None = None,
+    max_prompt_items: int | None = None,
+    deadline: float | None = None,
+) -> PreparedItem:
+    """`prepare_item` for a wire request: what the preprocessor does with each request it is sent."""
+    return prepare_item(
+        request.image,
+        tokenizer=tokenizer,
+        geometry=geometry,
+        text=request.text,
+        points=request.points,
+        boxes=request.boxes,
+        labels=request.labels,
+        box_sets=request.box_sets,
+        score_threshold=request.score_threshold,
+        max_image_pixels=max_image_pixels,
+        max_prompt_items=max_prompt_items,
+        deadline=deadline,
+    )
+
+
 class Sam3Pipeline:
     def __init__(
         self,
@@ -64,11 +91,13 @@ class Sam3Pipeline:
         score_threshold: float = 0.5,
         mask_chunk_pixels: int = 16_000_000,
         max_image_pixels: int | None = None,
+        max_prompt_items: int | None = None,
     ):
         self.models = models
         self.runner = Sam3Runner(models, score_threshold)
         self.mask_chunk_pixels = mask_chunk_pixels
         self.max_image_pixels = max_image_pixels
+        self.max_prompt_items = max_prompt_items
 
     def prepare(self, image: ImageSource, **prompt) -> PreparedItem:
         return prepare_item(
@@ -76,6 +105,7 @@ class Sam3Pipeline:
             tokenizer=self.models.tokenizer,
             geometry=self.models.geometry,
             max_image_pixels=self.max_image_pixels,
+            max_prompt_items=self.max_prompt_items,
             **prompt,
         )
 
@@ -89,3 +119,35 @@ class Sam3Pipeline:
     def segment(self, image: ImageSource, **prompt) -> Segmentation:
         """Segment one image: text=... (one or a list), or points=/boxes= with labels=, or box_sets=[...]."""
         return self.segment_batch([self.prepare(image, **prompt)])[0]
+
+    def answer(self, requests: list[SegmentRequest]) -> list[SegmentResponse | Exception]:
+        """The service's answer to each request, in one process and one model pass: the same steps as the
+        preprocessor, the model pool and the postprocessor, with an error in place of each failed request."""
+        prepared: list[PreparedItem | Exception] = []
+        for request in requests:
+            try:
+                prepared.append(self.prepare_request(request))
+            except Exception as error:  # one answer per request: a bad one fails alone
+                prepared.append(error)
+        items = [item for item in prepared if isinstance(item, PreparedItem)]
+        outputs = iter(run_isolating_failures(self.runner, items, self.models.device) if items else [])
+        answers = []
+        for request, item in zip(requests, prepared):
+            result = item if isinstance(item, Exception) else next(outputs)
+            if isinstance(result, Exception):
+                answers.append(result)
+                continue
+            encoded = encode_segmentation(
+                result, item.original_size, self.mask_chunk_pixels, with_instances=request.return_detections
+            )
+            answers.append(to_response(encoded, request.prompt_type, {}))
+        return answers
+
+    def prepare_request(self, request: SegmentRequest) -> PreparedItem:
+        return prepare_request(
+            request,
+            tokenizer=self.models.tokenizer,
+            geometry=self.models.geometry,
+            max_image_pixels=self.max_image_pixels,
+            max_prompt_items=self.max_prompt_items,
+        )

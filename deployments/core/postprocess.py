@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.protocol import RleMask
+from client.protocol import PromptType, RleMask, SegmentResponse
 from client.rle import encode_mask, encode_masks
 from deployments.core.masks import (
     concept_mask_chunks,
@@ -102,6 +102,24 @@ def encode_segmentation(
         boxes=instances.boxes,
         scores=instances.scores,
         labels=instances.labels,
+    )
+
+
+def to_response(
+    segmentation: EncodedSegmentation, prompt_type: PromptType, timings_ms: dict[str, float]
+) -> SegmentResponse:
+    """The wire response; without detections the instance lists are empty and only the union travels."""
+    height, width = segmentation.union_mask.size
+    return SegmentResponse(
+        prompt_type=prompt_type,
+        height=height,
+        width=width,
+        union_mask=segmentation.union_mask,
+        masks=segmentation.masks,
+        boxes=[tuple(float(v) for v in box) for box in segmentation.boxes],
+        scores=[float(score) for score in segmentation.scores],
+        labels=[int(label) for label in segmentation.labels],
+        timings_ms=timings_ms,
     )
 
 

@@ -12,6 +12,7 @@ count (a padded point is still a token to the tracker). Box counts within a grou
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -21,10 +22,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
+from client.errors import ServiceUnavailableError
 from deployments.core.checkpoint import Sam3Models
 from deployments.core.masks import concept_scores, keep_above
 from deployments.core.preprocess import normalize
 from deployments.core.prompts import ConceptPrompt, PointPrompt, Prompt, pad_box_exemplars
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -224,3 +228,25 @@ def _group_key(prompt: Prompt) -> tuple:
     if isinstance(prompt, PointPrompt):
         return ("points", prompt.points.shape[0])
     return ("concept", prompt.boxes_cxcywh is not None)
+
+
+def run_isolating_failures(runner: Sam3Runner, items: list[PreparedItem], device: torch.device) -> list[list[RawOutput] | Exception]:
+    """One answer per item (Triton style): a batch that fails runs again item by item, so a bad item fails
+    alone. Running out of memory on a single item is the replica's state, not the request's fault: a
+    retryable error."""
+    try:
+        return runner.run(items)
+    except Exception as error:
+        if len(items) == 1:
+            if isinstance(error, torch.OutOfMemoryError):
+                release_cached_memory(device)
+                return [ServiceUnavailableError("the model replica ran out of memory on this request: retry later")]
+            return [error]
+        logger.warning("batch of %d failed (%r): running its items one at a time", len(items), error)
+        release_cached_memory(device)
+    return [run_isolating_failures(runner, [item], device)[0] for item in items]
+
+
+def release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

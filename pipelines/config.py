@@ -1,0 +1,47 @@
+"""The job's typed configuration, validated once from the command line (`pipelines.segment`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="A directory or glob of images, or a .parquet/.csv table of image paths or URLs.")
+    output: str = Field(description="The output directory of Parquet files (a local path or a pyarrow URI).")
+    via: Literal["service", "actors"] = Field(
+        description="service: the live Serve application through its handle; actors: the model in the job's actors."
+    )
+    text: str | None = Field(None, description="One text prompt for every image.")
+    prompt: str | None = Field(None, description="One prompt for every image, as JSON (text, points or boxes).")
+    prompt_column: str | None = Field(None, description="The table column holding each row's prompt.")
+    image_column: str = Field("image", description="The table column holding each row's image path or URL.")
+    coco_json: Path | None = Field(None, description="Also write a COCO results file here.")
+    app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
+    config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
+    checkpoint: str | None = Field(None, description="--via actors: overrides the config's checkpoint.")
+    device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
+    workers: int = Field(2, ge=1, description="service: caller actors; actors: most model actors (one per GPU).")
+    max_in_flight: int = Field(8, ge=1, description="service: requests each caller keeps in flight.")
+    batch_size: int = Field(8, ge=1, description="Rows per call of an actor (actors: one model batch).")
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs each worker actor asks for (model actors on CPU).")
+    rows_per_file: int = Field(1000, ge=1, description="Rows per output Parquet file (bounds file size and lost work).")
+    timeout_s: float = Field(300.0, gt=0, description="service: each request's budget, retries included.")
+    retries: int = Field(8, ge=0, description="service: retries of a 503 or a lost replica, with backoff.")
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> JobConfig:
+        given = [name for name in ("text", "prompt", "prompt_column") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of --text, --prompt or --prompt-column, got {given or 'none'}")
+        if self.prompt_column is not None and not is_table(self.input):
+            raise ValueError("--prompt-column needs a .parquet or .csv table as --input")
+        return self
+
+
+def is_table(input_path: str) -> bool:
+    return input_path.lower().endswith((".parquet", ".csv"))

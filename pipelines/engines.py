@@ -1,0 +1,57 @@
+"""The two engines, as Ray Data callable classes: each takes a batch of (image, prompt) rows and returns
+output rows (`pipelines.rows.OUTPUT_SCHEMA`).
+
+`ServiceSegmenter` sends rows to the live Serve application through the handle client, a bounded number
+in flight, so a job and online traffic share one autoscaled, batching model pool. `PipelineSegmenter`
+loads the model itself and runs the same core code as the model pool (`Sam3Pipeline.answer`), for a
+cluster dedicated to the job.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from client.handle_client import Sam3HandleClient
+from deployments.config import AppArgs
+from pipelines.rows import segment_rows
+
+
+class ServiceSegmenter:
+    def __init__(self, app_name: str, max_in_flight: int, timeout_s: float, retries: int):
+        """Replica restarts and 503s are retried by the client with backoff; a row that still fails is
+        written with its error and redone by the next run."""
+        self.client = Sam3HandleClient(app_name, timeout=timeout_s, retries=retries, max_backoff_s=10.0)
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return segment_rows(
+            batch["image"].to_pylist(), batch["prompt"].to_pylist(), self._answer, timeout_s=self.timeout_s
+        )
+
+    def _answer(self, requests):
+        return list(self.client.segment_many(requests, concurrency=self.max_in_flight))
+
+
+class PipelineSegmenter:
+    def __init__(self, args: AppArgs):
+        """The application's own `args` (checkpoint, thresholds, limits), so both engines answer alike."""
+        import torch
+
+        from deployments.core.checkpoint import load_sam3, resolve_device
+        from deployments.core.pipeline import Sam3Pipeline
+
+        if args.torch_threads is not None:
+            torch.set_num_threads(args.torch_threads)
+        self.pipeline = Sam3Pipeline(
+            load_sam3(args.checkpoint, resolve_device(args.device), args.dtype),
+            score_threshold=args.score_threshold,
+            mask_chunk_pixels=args.mask_chunk_pixels,
+            max_image_pixels=args.max_image_pixels,
+            max_prompt_items=args.max_prompt_items,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return segment_rows(
+            batch["image"].to_pylist(), batch["prompt"].to_pylist(), self.pipeline.answer, timeout_s=None
+        )

@@ -1,0 +1,132 @@
+"""Job rows, without Ray: a prompt per row, the request for a row, and the output row for an answer.
+
+A row is identified by its image (path or URL, as listed) and its prompt, in a canonical JSON form, so
+the same (image, prompt) is recognised across runs. Both engines build the request the same way (the
+clients' own validation and image reading) and turn the answer into the same output row, so a row's
+error code is the one the service gives for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from client._api import segment_request
+from client.errors import InvalidPromptError, Sam3Error
+from client.protocol import RleMask, SegmentRequest, SegmentResponse
+
+PROMPT_KEYS = {"text", "points", "boxes", "labels", "box_sets"}
+
+_RLE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_type", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("scores", pa.list_(pa.float32())),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        ("labels", pa.list_(pa.int32())),
+        ("masks", pa.list_(_RLE)),
+        ("union_mask", _RLE),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+"""One row per (image, prompt). Masks are COCO RLE (`pycocotools.mask.decode` reads them); boxes are pixel
+xyxy; `labels` index the prompt's texts or box sets; the error columns are null on success."""
+
+Answer = Callable[[list[SegmentRequest]], Sequence[SegmentResponse | Exception]]
+
+
+def parse_prompt(value: str | dict) -> dict[str, Any]:
+    """A prompt cell: plain text is a text prompt; a JSON object gives text, points or boxes with labels."""
+    if isinstance(value, dict):
+        spec = value
+    elif not isinstance(value, str) or not value.strip():
+        raise InvalidPromptError(f"a prompt must be text or a JSON object, got {value!r}")
+    elif value.lstrip().startswith("{"):
+        try:
+            spec = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise InvalidPromptError(f"the prompt is not valid JSON: {error}") from error
+    else:
+        spec = {"text": value}
+    unknown = set(spec) - PROMPT_KEYS
+    if unknown:
+        raise InvalidPromptError(f"unknown prompt keys {sorted(unknown)}: use {sorted(PROMPT_KEYS)}")
+    return spec
+
+
+def canonical_prompt(value: str | dict) -> str:
+    """The prompt as the output stores it: canonical JSON, or the cell as given when it is not a prompt."""
+    try:
+        return json.dumps(parse_prompt(value), sort_keys=True, separators=(",", ":"))
+    except InvalidPromptError:
+        return value if isinstance(value, str) else repr(value)
+
+
+def row_keys(images: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
+    """A 64-bit hash of each (image, prompt): 8 bytes a row is all that resuming a job holds in memory."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{image}\0{prompt}".encode(), digest_size=8).digest(), "little", signed=True)
+            for image, prompt in zip(images, prompts)
+        ],
+        dtype=np.int64,
+    )
+
+
+def build_request(image: str, prompt: str, *, timeout_s: float | None) -> SegmentRequest:
+    """The request a client would send: the same prompt checks and the same image reading (typed errors)."""
+    return segment_request(image, **parse_prompt(prompt), timeout=timeout_s, return_detections=True)
+
+
+def segment_rows(images: Sequence[str], prompts: Sequence[str], answer: Answer, *, timeout_s: float | None) -> pa.Table:
+    """Output rows for a batch of (image, prompt): requests that cannot be built fail alone, the rest are
+    answered together (by the live service or an in-process pipeline)."""
+    built: list[SegmentRequest | Exception] = []
+    for image, prompt in zip(images, prompts):
+        try:
+            built.append(build_request(image, prompt, timeout_s=timeout_s))
+        except Sam3Error as error:
+            built.append(error)
+    requests = [request for request in built if isinstance(request, SegmentRequest)]
+    answers = iter(answer(requests) if requests else [])
+    rows = [
+        output_row(image, prompt, request if isinstance(request, Exception) else next(answers))
+        for image, prompt, request in zip(images, prompts, built)
+    ]
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def output_row(image: str, prompt: str, answer: SegmentResponse | Exception) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(OUTPUT_SCHEMA.names)
+    row.update(image=image, prompt=prompt)
+    if isinstance(answer, Exception):
+        code = answer.code if isinstance(answer, Sam3Error) else Sam3Error.code
+        message = str(answer) if isinstance(answer, Sam3Error) else f"{type(answer).__name__}: {answer}"
+        row.update(error_code=code, error_message=message)
+        return row
+    row.update(
+        prompt_type=answer.prompt_type,
+        height=answer.height,
+        width=answer.width,
+        scores=list(answer.scores),
+        boxes=[list(box) for box in answer.boxes],
+        labels=list(answer.labels),
+        masks=[_rle_cell(mask) for mask in answer.masks],
+        union_mask=_rle_cell(answer.union_mask),
+    )
+    return row
+
+
+def _rle_cell(mask: RleMask) -> dict[str, Any]:
+    return {"size": list(mask.size), "counts": mask.counts}
