@@ -74,14 +74,17 @@ def canonical_prompt(value: str | dict) -> str:
 
 
 def row_keys(images: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
-    """A 64-bit hash of each (image, prompt): 8 bytes a row is all that resuming a job holds in memory."""
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(f"{image}\0{prompt}".encode(), digest_size=8).digest(), "little", signed=True)
-            for image, prompt in zip(images, prompts)
-        ],
-        dtype=np.int64,
-    )
+    """A 64-bit hash of each (image, prompt): 8 bytes a row is all that resuming a job holds in memory.
+
+    The image's length comes first, so no split of one string into image and prompt hashes like another
+    (a separator alone would not do: a table's cells may contain it). Keys are never stored: each run
+    computes them again from the rows the output holds."""
+    return np.array([_row_key(image, prompt) for image, prompt in zip(images, prompts)], dtype=np.int64)
+
+
+def _row_key(image: str, prompt: str) -> int:
+    digest = hashlib.blake2b(f"{len(image)}:{image}\0{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def build_request(image: str, prompt: str, *, timeout_s: float | None) -> SegmentRequest:
@@ -96,7 +99,7 @@ def segment_rows(images: Sequence[str], prompts: Sequence[str], answer: Answer, 
     for image, prompt in zip(images, prompts):
         try:
             built.append(build_request(image, prompt, timeout_s=timeout_s))
-        except Sam3Error as error:
+        except Exception as error:  # a row fails alone, whatever fails: not only the clients' typed errors
             built.append(error)
     requests = [request for request in built if isinstance(request, SegmentRequest)]
     answers = iter(answer(requests) if requests else [])

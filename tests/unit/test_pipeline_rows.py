@@ -1,0 +1,606 @@
+"""The batch job's pure parts, without Ray: prompts and row keys, output rows, the resumable output
+directory, the COCO results file, and listing the input (a directory, a glob, a table).
+
+The model is replaced by a fake `answer` callable: what is tested here is which rows reach it, in what
+order, and how each answer (or error) becomes an `OUTPUT_SCHEMA` row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from client.errors import (
+    InvalidImageError,
+    InvalidPromptError,
+    PromptTooLongError,
+    Sam3Error,
+    ServiceUnavailableError,
+)
+from client.protocol import SegmentRequest, SegmentResponse
+from client.rle import encode_mask, encode_masks
+from pipelines import segment as segment_module
+from pipelines.coco import categories_path, write_coco_results
+from pipelines.output import prepare_output, summarize
+from pipelines.rows import OUTPUT_SCHEMA, canonical_prompt, parse_prompt, row_keys, segment_rows
+from pipelines.segment import drop_done, list_images, table_rows
+from tests.conftest import random_image
+
+HEIGHT, WIDTH = 12, 16
+CAT = canonical_prompt("cat")
+POINT = canonical_prompt({"points": [[3, 4]], "labels": [1]})
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def write_png(path: Path, seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(random_image(height, width, seed)).save(path, format="PNG")
+    return str(path)
+
+
+def instance_masks(count: int, seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """(count, H, W) uint8 0/255 masks, each non-empty."""
+    rng = np.random.default_rng(seed)
+    masks = (rng.uniform(size=(count, height, width)) > 0.6).astype(np.uint8) * 255
+    masks[:, 0, 0] = 255
+    return masks
+
+
+def response(prompt_type: str = "text", count: int = 2, seed: int = 0, labels: list[int] | None = None):
+    """A response as the service would send it: instances sorted by score, union of their masks."""
+    if prompt_type == "points":  # no instances: the object is the union alone
+        masks, union = np.zeros((0, HEIGHT, WIDTH), np.uint8), instance_masks(1, seed)[0]
+    else:
+        masks = instance_masks(count, seed)
+        union = masks.max(axis=0) if count else np.zeros((HEIGHT, WIDTH), np.uint8)
+    rng = np.random.default_rng(seed)
+    corners = np.sort(rng.uniform(0, WIDTH, size=(len(masks), 2, 2)), axis=1).reshape(len(masks), 4)
+    return SegmentResponse(
+        prompt_type=prompt_type,
+        height=HEIGHT,
+        width=WIDTH,
+        union_mask=encode_mask(union),
+        masks=encode_masks(masks) if len(masks) else [],
+        boxes=[tuple(float(v) for v in box) for box in corners[:, [0, 2, 1, 3]]],
+        scores=sorted((float(s) for s in rng.uniform(0.5, 1, size=len(masks))), reverse=True),
+        labels=labels if labels is not None else [0] * len(masks),
+    )
+
+
+class FakeAnswer:
+    """Records every call and answers from a list (or one response for every request)."""
+
+    def __init__(self, answers=None):
+        self.answers = answers
+        self.calls: list[list[SegmentRequest]] = []
+
+    def __call__(self, requests):
+        self.calls.append(list(requests))
+        if self.answers is None:
+            return [response(request.prompt_type, seed=index) for index, request in enumerate(requests)]
+        assert len(self.answers) == len(requests), "the fake was given other rows than the test expects"
+        return list(self.answers)
+
+    @property
+    def requests(self) -> list[SegmentRequest]:
+        return [request for call in self.calls for request in call]
+
+
+def decode(cell: dict) -> np.ndarray:
+    """An RLE cell of the output to a 0/255 mask."""
+    return coco_mask.decode({"size": cell["size"], "counts": cell["counts"].encode()}) * np.uint8(255)
+
+
+def table_of(images: list[str], prompts: list[str]) -> pa.Table:
+    """Output rows as a run writes them: every buildable row answered."""
+    return segment_rows(images, prompts, FakeAnswer(), timeout_s=None)
+
+
+def decode_response_mask(answer: SegmentResponse, index: int) -> np.ndarray:
+    mask = answer.masks[index]
+    return coco_mask.decode({"size": list(mask.size), "counts": mask.counts.encode()}) * np.uint8(255)
+
+
+# ---- 1. prompts ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cell, expected",
+    [
+        ("cat", {"text": "cat"}),
+        ("a red car", {"text": "a red car"}),
+        ('{"text": ["cat", "dog"]}', {"text": ["cat", "dog"]}),
+        ('  {"points": [[10, 20], [30, 40]], "labels": [1, 0]}', {"points": [[10, 20], [30, 40]], "labels": [1, 0]}),
+        ('{"boxes": [[1, 2, 30, 40]], "labels": [1]}', {"boxes": [[1, 2, 30, 40]], "labels": [1]}),
+        (
+            '{"box_sets": [{"boxes": [[1, 2, 3, 4]], "labels": [1]}, {"boxes": [[5, 6, 7, 8]], "labels": [0]}]}',
+            {"box_sets": [{"boxes": [[1, 2, 3, 4]], "labels": [1]}, {"boxes": [[5, 6, 7, 8]], "labels": [0]}]},
+        ),
+        ({"points": [[1, 2]], "labels": [1]}, {"points": [[1, 2]], "labels": [1]}),
+    ],
+)
+def test_parse_prompt_reads_text_and_json_objects(cell, expected):
+    assert parse_prompt(cell) == expected
+
+
+@pytest.mark.parametrize(
+    "spellings",
+    [
+        ["cat", '{"text": "cat"}', '{ "text" :"cat" }', {"text": "cat"}],
+        [
+            '{"points": [[10, 20]], "labels": [1]}',
+            '{"labels":[1],"points":[[10,20]]}',
+            '\n{ "labels" : [ 1 ] ,\n  "points" : [ [ 10 , 20 ] ] }',
+            {"labels": [1], "points": [[10, 20]]},
+        ],
+        [
+            '{"box_sets": [{"boxes": [[1, 2, 3, 4]], "labels": [1]}]}',
+            '{"box_sets":[{"labels":[1],"boxes":[[1,2,3,4]]}]}',
+        ],
+    ],
+)
+def test_one_prompt_spelled_differently_has_one_canonical_form(spellings):
+    forms = {canonical_prompt(spelling) for spelling in spellings}
+    assert len(forms) == 1
+    (form,) = forms
+    assert canonical_prompt(form) == form, "the canonical form is its own canonical form"
+    assert " " not in form and parse_prompt(form) == parse_prompt(spellings[-1])
+
+
+def test_different_prompts_have_different_canonical_forms():
+    cells = [
+        "cat",
+        "dog",
+        '{"text": ["cat", "dog"]}',
+        '{"text": ["dog", "cat"]}',
+        '{"points": [[10, 20]], "labels": [1]}',
+        '{"points": [[10, 20]], "labels": [0]}',
+        '{"boxes": [[10, 20, 30, 40]], "labels": [1]}',
+    ]
+    assert len({canonical_prompt(cell) for cell in cells}) == len(cells)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        '{"txt": "cat"}',  # unknown key
+        '{"text": "cat", "score_threshold": 0.3}',  # a request field, not a prompt key
+        '{"text": "cat"',  # not valid JSON
+        '{"points": [[1, 2]], "labels": [1],}',
+        "",
+        "   ",
+        "\n",
+    ],
+)
+def test_a_cell_that_is_not_a_prompt_is_refused_and_kept_as_given(cell):
+    with pytest.raises(InvalidPromptError) as info:
+        parse_prompt(cell)
+    assert info.value.code == "invalid_prompt"
+    assert canonical_prompt(cell) == cell
+
+
+@pytest.mark.parametrize("cell", [None, 5, ["cat"]])
+def test_a_cell_that_is_not_text_is_refused(cell):
+    with pytest.raises(InvalidPromptError):
+        parse_prompt(cell)
+
+
+# ---- 2. row keys ---------------------------------------------------------------------------------------
+
+
+def test_row_keys_are_deterministic_int64_one_per_row():
+    images = ["/data/a.jpg", "/data/b.jpg", "https://example.com/c.png"]
+    prompts = [CAT, CAT, POINT]
+    keys = row_keys(images, prompts)
+    assert keys.dtype == np.int64 and keys.shape == (3,)
+    np.testing.assert_array_equal(keys, row_keys(list(images), list(prompts)))
+    # A row's key does not depend on the batch it comes in.
+    np.testing.assert_array_equal(keys[1:], row_keys(images[1:], prompts[1:]))
+    assert len(set(keys.tolist())) == 3
+    assert row_keys([], []).dtype == np.int64 and row_keys([], []).shape == (0,)
+
+
+def test_row_keys_differ_when_the_image_or_the_prompt_differs():
+    (base,) = row_keys(["/data/a.jpg"], [CAT])
+    (other_image,) = row_keys(["/data/b.jpg"], [CAT])
+    (other_prompt,) = row_keys(["/data/a.jpg"], [canonical_prompt("dog")])
+    assert len({base, other_image, other_prompt}) == 3
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (("ab", "c"), ("a", "bc")),
+        (("a\0b", "c"), ("a", "b\0c")),  # the separator inside a cell
+        (("a", ""), ("", "a")),
+        (("a\0", "b"), ("a", "\0b")),
+    ],
+)
+def test_row_keys_do_not_confuse_where_the_image_ends(first, second):
+    keys = row_keys([first[0], second[0]], [first[1], second[1]])
+    assert keys[0] != keys[1]
+
+
+# ---- 3. output rows ------------------------------------------------------------------------------------
+
+
+def test_segment_rows_answers_buildable_rows_in_order_and_types_the_rest(tmp_path):
+    good = write_png(tmp_path / "good.png", seed=1)
+    other = write_png(tmp_path / "other.png", seed=2)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    rows = [
+        (good, CAT),  # answered
+        (str(tmp_path / "missing.png"), CAT),  # the client cannot read it
+        (good, '{"text": "cat"'),  # not JSON
+        (good, '{"points": [[1, 2], [3, 4]], "labels": [1]}'),  # one label for two points
+        (str(empty), CAT),  # the client sends zero bytes: only the server can say they are no image
+        (other, POINT),  # answered
+        ("http://[::1", CAT),  # a URL httpx refuses with its own (untyped) exception
+        (good, '{"txt": "cat"}'),  # unknown key
+        (other, canonical_prompt("dog")),  # answered
+        (good, canonical_prompt({"boxes": [[1, 2, 8, 9]], "labels": [1]})),  # answered
+    ]
+    answers = [
+        response("text", seed=1),
+        InvalidImageError("not an image file in a format Pillow can read"),
+        response("points", seed=2),
+        RuntimeError("boom"),
+        PromptTooLongError("33 tokens, at most 32"),
+    ]
+    fake = FakeAnswer(answers)
+    table = segment_rows([image for image, _ in rows], [prompt for _, prompt in rows], fake, timeout_s=30.0)
+
+    assert len(fake.calls) == 1, "the buildable rows are answered together"
+    sent = fake.requests
+    assert [request.image for request in sent] == [
+        Path(good).read_bytes(),
+        b"",
+        Path(other).read_bytes(),
+        Path(other).read_bytes(),
+        Path(good).read_bytes(),
+    ]
+    assert [request.prompt_type for request in sent] == ["text", "text", "points", "text", "boxes"]
+    assert sent[3].text == "dog" and sent[2].points == [[3.0, 4.0]] and sent[2].labels == [1]
+    assert all(request.timeout_s == 30.0 and request.return_detections for request in sent)
+
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=True)
+    assert table["image"].to_pylist() == [image for image, _ in rows]
+    assert table["prompt"].to_pylist() == [prompt for _, prompt in rows]
+    assert table["error_code"].to_pylist() == [
+        None,
+        "invalid_image",
+        "invalid_prompt",
+        "invalid_prompt",
+        "invalid_image",
+        None,
+        "internal_error",
+        "invalid_prompt",
+        "internal_error",
+        "prompt_too_long",
+    ]
+    messages = table["error_message"].to_pylist()
+    assert "missing.png" in messages[1]
+    assert "labels" in messages[3]
+    assert messages[6].startswith("InvalidURL: ")
+    assert messages[8] == "RuntimeError: boom"
+    assert messages[9] == "33 tokens, at most 32"
+    for index in (0, 5):
+        assert messages[index] is None
+    for row in table.to_pylist():
+        if row["error_code"] is not None:
+            assert row["prompt_type"] is None and row["union_mask"] is None and row["masks"] is None
+    assert table["prompt_type"].to_pylist()[5] == "points"
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ServiceUnavailableError("replica lost"), "unavailable"),
+        (InvalidImageError("bad"), "invalid_image"),
+        (Sam3Error("server bug"), "internal_error"),
+        (ValueError("bug"), "internal_error"),
+    ],
+)
+def test_an_answered_error_gives_its_row_its_code(tmp_path, error, code):
+    image = write_png(tmp_path / "a.png")
+    table = segment_rows([image, image], [CAT, POINT], FakeAnswer([error, response("points")]), timeout_s=None)
+    assert table["error_code"].to_pylist() == [code, None]
+
+
+def test_a_batch_whose_rows_all_fail_has_the_schema_and_never_calls_answer(tmp_path):
+    def answer(requests):
+        raise AssertionError("nothing to answer")
+
+    images = [str(tmp_path / "missing.png"), write_png(tmp_path / "a.png"), ""]
+    prompts = [CAT, "", CAT]
+    table = segment_rows(images, prompts, answer, timeout_s=None)
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=True)
+    assert table["error_code"].to_pylist() == ["invalid_image", "invalid_prompt", "invalid_image"]
+    empty = segment_rows([], [], answer, timeout_s=None)
+    assert empty.num_rows == 0 and empty.schema.equals(OUTPUT_SCHEMA, check_metadata=True)
+
+
+def test_a_response_becomes_its_columns(tmp_path):
+    image = write_png(tmp_path / "a.png")
+    text = response("text", count=3, seed=5, labels=[1, 0, 1])
+    point = response("points", seed=6)
+    prompt = canonical_prompt({"text": ["cat", "dog"]})
+    table = segment_rows([image, image], [prompt, POINT], FakeAnswer([text, point]), timeout_s=None)
+    row, point_row = table.to_pylist()
+
+    assert row["prompt_type"] == "text" and (row["height"], row["width"]) == (HEIGHT, WIDTH)
+    np.testing.assert_array_equal(row["scores"], np.float32(text.scores))
+    np.testing.assert_array_equal(row["boxes"], np.float32(text.boxes))
+    assert row["labels"] == [1, 0, 1]
+    assert len(row["masks"]) == 3
+    for cell, expected in zip(row["masks"], instance_masks(3, 5)):
+        assert cell["size"] == [HEIGHT, WIDTH]
+        np.testing.assert_array_equal(decode(cell), expected)
+    np.testing.assert_array_equal(decode(row["union_mask"]), instance_masks(3, 5).max(axis=0))
+    assert row["error_code"] is None and row["error_message"] is None
+
+    assert point_row["prompt_type"] == "points"
+    assert point_row["scores"] == point_row["boxes"] == point_row["labels"] == point_row["masks"] == []
+    np.testing.assert_array_equal(decode(point_row["union_mask"]), instance_masks(1, 6)[0])
+
+
+# ---- 4. the output directory ---------------------------------------------------------------------------
+
+
+def output_dir(tmp_path: Path) -> tuple[Path, dict[str, pa.Table], list[tuple[str, str]]]:
+    """An output directory as runs leave it; returns it, the tables written, and the successful rows."""
+    images = [write_png(tmp_path / "images" / f"{index}.png", seed=index) for index in range(6)]
+    missing = [str(tmp_path / "images" / f"missing{index}.png") for index in range(3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    tables = {
+        "run-a_000000.parquet": table_of(images[:3], [CAT, CAT, POINT]),  # all ok
+        "run-a_000001.parquet": table_of(  # two ok, two failed
+            [images[3], missing[0], images[4], missing[1]], [CAT, CAT, POINT, POINT]
+        ),
+        "run-b_000000.parquet": table_of([missing[2], images[5]], [CAT, '{"txt": 1}']),  # all failed
+        "run-b_000001.parquet": table_of([images[0]], [CAT]),  # the same row again
+    }
+    for name, table in tables.items():
+        pq.write_table(table, out / name)
+    succeeded = [
+        (images[0], CAT),
+        (images[1], CAT),
+        (images[2], POINT),
+        (images[3], CAT),
+        (images[4], POINT),
+        (images[0], CAT),
+    ]
+    return out, tables, succeeded
+
+
+def test_prepare_output_keeps_each_successful_row_and_returns_their_keys(tmp_path):
+    out, tables, succeeded = output_dir(tmp_path)
+    good_file = (out / "run-a_000000.parquet").read_bytes()
+    truncated = good_file[: len(good_file) // 2]
+    (out / "run-c_000000.parquet").write_bytes(truncated)
+    (out / "run-c_000001.parquet").write_bytes(b"not a parquet file at all")
+    (out / "run-c_000002.parquet").write_bytes(b"")
+    (out / "run-a_000001.parquet.tmp").write_bytes(good_file)  # a replacement cut short
+    (out / "notes.txt").write_text("not ours")
+
+    keys = prepare_output(str(out))
+
+    assert sorted(path.name for path in out.iterdir()) == [
+        "notes.txt",
+        "run-a_000000.parquet",
+        "run-a_000001.parquet",
+        "run-b_000001.parquet",
+    ]
+    assert (out / "run-a_000000.parquet").read_bytes() == good_file, "a file with no failed row is left alone"
+    rewritten = pq.read_table(out / "run-a_000001.parquet")
+    assert rewritten.schema.equals(OUTPUT_SCHEMA)
+    original = tables["run-a_000001.parquet"]
+    assert rewritten.to_pylist() == [original.to_pylist()[0], original.to_pylist()[2]]
+
+    assert keys.dtype == np.int64
+    assert np.all(np.diff(keys) > 0), "sorted and unique"
+    expected = row_keys([image for image, _ in succeeded], [prompt for _, prompt in succeeded])
+    np.testing.assert_array_equal(keys, np.unique(expected))
+    assert len(keys) == 5
+
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    np.testing.assert_array_equal(prepare_output(str(out)), keys)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before, "a second look changes nothing"
+
+
+def test_prepare_output_of_a_missing_directory_is_empty_and_creates_nothing(tmp_path):
+    keys = prepare_output(str(tmp_path / "nothing-yet"))
+    assert keys.dtype == np.int64 and keys.shape == (0,)
+    assert not (tmp_path / "nothing-yet").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_output(str(empty)).shape == (0,)
+
+
+def test_summarize_counts_rows_and_errors_by_code_for_all_runs_or_one(tmp_path):
+    out, _, _ = output_dir(tmp_path)
+    everything = summarize(str(out))
+    assert everything.rows == 10
+    assert everything.errors == Counter({"invalid_image": 3, "invalid_prompt": 1})
+    assert everything.succeeded == 6
+    run_b = summarize(str(out), prefix="run-b")
+    assert (run_b.rows, run_b.succeeded) == (3, 1)
+    assert run_b.errors == Counter({"invalid_image": 1, "invalid_prompt": 1})
+    assert summarize(str(out), prefix="run-z").rows == 0
+    assert summarize(str(tmp_path / "absent")).rows == 0
+
+
+# ---- 5. the input --------------------------------------------------------------------------------------
+
+
+def test_drop_done_skips_the_rows_whose_keys_are_done(monkeypatch):
+    """Ray is needed only to fetch the keys (`ray.get`); it is replaced by the identity here."""
+    monkeypatch.setattr(segment_module.ray, "get", lambda ref: ref)
+    images = [f"/data/{index}.jpg" for index in range(6)]
+    batch = pa.table({"image": images, "prompt": [CAT] * 6})
+    keys = row_keys(images, [CAT] * 6)
+    int64 = np.iinfo(np.int64)
+
+    def kept(done_keys) -> list[str]:
+        return drop_done(batch, done=[np.unique(np.asarray(done_keys, dtype=np.int64))])["image"].to_pylist()
+
+    assert kept(keys[[1, 4]]) == [images[0], images[2], images[3], images[5]]
+    assert kept(np.concatenate([keys[[1, 4]], [int64.min, int64.max, 12345]])) == [
+        images[0],
+        images[2],
+        images[3],
+        images[5],
+    ]
+    assert kept([int64.min]) == images, "keys above every done key are kept"
+    assert kept([int64.max]) == images, "keys below every done key are kept"
+    assert kept(keys) == []
+    other_prompt = row_keys(images, [POINT] * 6)
+    assert kept(other_prompt) == images, "the same image with another prompt is not done"
+
+
+def test_list_images_recurses_filters_by_suffix_and_sorts(tmp_path):
+    for name in ["b.png", "a.JPG", "sub/c.jpeg", "sub/deeper/d.npy", "sub/deeper/f.png", "sub/e.webp", "z.tiff"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    for name in ["notes.txt", "a.png.bak", "sub/.hidden"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()  # a directory with an image's suffix
+
+    listed = list(list_images(str(tmp_path)))
+    expected = ["a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.npy", "sub/deeper/f.png", "sub/e.webp", "z.tiff"]
+    assert listed == sorted(str(tmp_path / name) for name in expected)
+    assert listed == sorted(listed)
+
+    assert list(list_images(str(tmp_path / "*.png"))) == [str(tmp_path / "b.png")]
+    assert list(list_images(str(tmp_path / "**" / "*.p*"))) == sorted(
+        str(tmp_path / name) for name in ["a.png.bak", "b.png", "sub/deeper/f.png"]
+    ), "a glob takes every file it matches, whatever its suffix, and recurses with **"
+    assert list(list_images(str(tmp_path / "folder.*"))) == [], "a glob lists files only"
+    with pytest.raises(SystemExit):
+        list(list_images(str(tmp_path / "absent")))
+    with pytest.raises(SystemExit):
+        list(list_images(str(tmp_path / "b.png")))
+
+
+def test_table_rows_resolve_relative_images_and_canonicalize_prompts(tmp_path):
+    batch = pa.table(
+        {
+            "path": ["a.png", "/abs/b.png", "https://example.com/c.png", None, "sub/d.png", "s3://bucket/e.png"],
+            "ask": ["cat", '{"labels": [1], "points": [[1, 2]]}', None, "dog", '{"txt": 1}', " cat"],
+        }
+    )
+    rows = table_rows(batch, image_column="path", prompt_column="ask", prompt=None, root="/data/tables")
+    assert rows.column_names == ["image", "prompt"]
+    assert rows["image"].to_pylist() == [
+        "/data/tables/a.png",
+        "/abs/b.png",
+        "https://example.com/c.png",
+        "",
+        "/data/tables/sub/d.png",
+        "s3://bucket/e.png",
+    ]
+    assert rows["prompt"].to_pylist() == [
+        '{"text":"cat"}',
+        '{"labels":[1],"points":[[1,2]]}',
+        "",
+        '{"text":"dog"}',
+        '{"txt": 1}',
+        '{"text":" cat"}',
+    ]
+
+    unrooted = table_rows(batch, image_column="path", prompt_column=None, prompt="cat", root="")
+    assert unrooted["image"].to_pylist()[0] == "a.png"
+    assert unrooted["prompt"].to_pylist() == ['{"text":"cat"}'] * 6
+
+    # A table's image relative to the table's directory, read for real; a null prompt fails its row.
+    image = write_png(tmp_path / "tables" / "a.png")
+    local = table_rows(
+        pa.table({"image": ["a.png", "a.png", None], "prompt": ["cat", None, "cat"]}),
+        image_column="image",
+        prompt_column="prompt",
+        prompt=None,
+        root=str(tmp_path / "tables"),
+    )
+    fake = FakeAnswer()
+    table = segment_rows(local["image"].to_pylist(), local["prompt"].to_pylist(), fake, timeout_s=None)
+    assert table["error_code"].to_pylist() == [None, "invalid_prompt", "invalid_image"]
+    assert [request.image for request in fake.requests] == [Path(image).read_bytes()]
+
+
+# ---- 6. COCO results -----------------------------------------------------------------------------------
+
+
+def test_coco_results_load_in_pycocotools_with_masks_boxes_and_categories(tmp_path):
+    image_a = write_png(tmp_path / "images" / "a.png", seed=1)
+    image_b = write_png(tmp_path / "images" / "b.png", seed=2)
+    cat_and_dog = canonical_prompt({"text": ["cat", "dog"]})
+    two_texts = response("text", count=3, seed=11, labels=[1, 0, 1])
+    dog_alone = response("text", count=1, seed=12)
+    table = segment_rows(
+        [image_a, image_b, str(tmp_path / "missing.png"), image_b, image_a],
+        [cat_and_dog, POINT, CAT, canonical_prompt("dog"), canonical_prompt("nothing")],
+        FakeAnswer([two_texts, response("points", seed=13), dog_alone, response("text", count=0)]),
+        timeout_s=None,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(table.slice(0, 3), out / "run-a_000000.parquet")
+    pq.write_table(table.slice(3), out / "run-a_000001.parquet")
+    results_path = tmp_path / "results.json"
+
+    assert write_coco_results(str(out), results_path) == 4
+
+    categories = json.loads(categories_path(results_path).read_text())
+    assert categories_path(results_path).name == "results.categories.json"
+    assert categories == [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}], "numbered in order of appearance"
+    ground_truth = COCO()
+    ground_truth.dataset = {
+        "images": [{"id": image, "height": HEIGHT, "width": WIDTH} for image in (image_a, image_b)],
+        "annotations": [],
+        "categories": categories,
+    }
+    ground_truth.createIndex()
+    results = ground_truth.loadRes(str(results_path))
+
+    expected = [
+        (image_a, "dog", two_texts, 0),
+        (image_a, "cat", two_texts, 1),
+        (image_a, "dog", two_texts, 2),
+        (image_b, "dog", dog_alone, 0),
+    ]
+    annotations = results.loadAnns(sorted(results.getAnnIds()))
+    assert len(annotations) == len(expected)
+    for annotation, (image, name, answer, index) in zip(annotations, expected):
+        assert annotation["image_id"] == image
+        assert results.loadCats(annotation["category_id"])[0]["name"] == name
+        mask = coco_mask.decode(annotation["segmentation"])
+        np.testing.assert_array_equal(mask * 255, decode_response_mask(answer, index))
+        x0, y0, x1, y1 = np.float32(answer.boxes[index])
+        np.testing.assert_allclose(annotation["bbox"], [x0, y0, x1 - x0, y1 - y0], rtol=0, atol=1e-5)
+        assert annotation["score"] == pytest.approx(answer.scores[index], abs=1e-6)
+
+
+def test_coco_results_of_an_output_with_no_instances_is_an_empty_list(tmp_path):
+    image = write_png(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    table = segment_rows([image], [POINT], FakeAnswer([response("points")]), timeout_s=None)
+    pq.write_table(table, out / "run-a_000000.parquet")
+    results_path = tmp_path / "coco.json"
+    assert write_coco_results(str(out), results_path) == 0
+    assert json.loads(results_path.read_text()) == []
+    assert json.loads(categories_path(results_path).read_text()) == []
+
