@@ -7,16 +7,22 @@ Arguments become a `SegmentRequest` after cheap checks (the server re-validates 
 
 from __future__ import annotations
 
-import time
 import math
+import numbers
+import time
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import httpx
 import numpy as np
+from PIL import Image
 from pydantic import ValidationError
 
-from client.errors import InvalidPromptError, InvalidRequestError
+from client.errors import InvalidPromptError, InvalidRequestError, Sam3Error
 from client.images import ImageInput, encode_image
 from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy, call_with_retries
@@ -25,6 +31,8 @@ from client.rle import decode_mask
 SUPPORTED_MODEL_ID = "sam3"
 
 Coordinates = Sequence[Sequence[float]] | np.ndarray
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class _GeometryPrompt(NamedTuple):
@@ -62,6 +70,37 @@ def segment_request(
     http: httpx.Client | None = None,
 ) -> SegmentRequest:
     """The request for client-api.txt's arguments; prompts are checked first so a bad call fetches nothing."""
+    request = prompt_request(
+        text=text,
+        points=points,
+        boxes=boxes,
+        labels=labels,
+        timeout=timeout,
+        model_id=model_id,
+        text_prompt=text_prompt,
+        prompts=prompts,
+        box_sets=box_sets,
+        score_threshold=score_threshold,
+        return_detections=return_detections,
+    )
+    return with_image(request, image_input, http=http)
+
+
+def prompt_request(
+    *,
+    text: Texts | None = None,
+    points: Coordinates | None = None,
+    boxes: Coordinates | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
+    timeout: float | None = None,
+    model_id: str | None = None,
+    text_prompt: Texts | None = None,
+    prompts: Coordinates | None = None,
+    box_sets: BoxSets | None = None,
+    score_threshold: float | None = None,
+    return_detections: bool = True,
+) -> SegmentRequest:
+    """Every check but the image's, with an empty image: bulk calls check their one prompt once, then `with_image`."""
     _check_timeout(timeout)
     _check_model_id(model_id)
     text = _one_of("text", _as_list(text), "text_prompt", _as_list(text_prompt))
@@ -69,10 +108,9 @@ def segment_request(
     boxes, labels = _as_list(boxes), _as_list(labels)
     box_sets = _box_sets(box_sets)
     _check_prompt(text=text, points=points, boxes=boxes, labels=labels, box_sets=box_sets)
-    image = encode_image(image_input, timeout=timeout, http=http)
     try:
         return SegmentRequest(
-            image=image,
+            image=b"",
             text=text,
             points=points,
             boxes=boxes,
@@ -84,6 +122,12 @@ def segment_request(
         )
     except ValidationError as error:
         raise InvalidPromptError(f"invalid prompt: {_describe(error)}") from error
+
+
+def with_image(request: SegmentRequest, image_input: ImageInput | None, *, http: httpx.Client | None) -> SegmentRequest:
+    """`request` carrying `image_input`, encoded (a file read, a URL fetch): the per-image half of a request."""
+    image = encode_image(image_input, timeout=request.timeout_s, http=http)
+    return request.model_copy(update={"image": image})
 
 
 def union_mask(response: SegmentResponse) -> np.ndarray:
@@ -106,7 +150,11 @@ def detections(response: SegmentResponse) -> dict[str, Any]:
 
 
 class SegmentClient(ABC):
-    """`run()` and `run_with_detections()` for both clients; subclasses implement `_segment` only."""
+    """`run()`, `run_with_detections()` and their bulk forms for both clients; subclasses implement `_segment` only.
+
+    The bulk forms use threads: the HTTP client's `httpx.Client` is thread-safe and the handle client
+    blocks in `.result()`, so a thread per call in flight is all either needs.
+    """
 
     def __init__(self, *, timeout: float | None, retry_policy: RetryPolicy, image_http: httpx.Client | None = None):
         self.timeout = timeout
@@ -187,6 +235,112 @@ class SegmentClient(ABC):
         )
         return detections(self._segment_with_retries(request, timeout))
 
+    def segment_many(
+        self, requests: Iterable[SegmentRequest], *, concurrency: int = 8
+    ) -> Iterator[SegmentResponse | Sam3Error]:
+        """Each ready request sent as `run()` sends one (retries; its `timeout_s`, else the client's), `concurrency`
+        at a time, for rows that each have their own prompt (a Ray Data batch).
+
+        Lazy and in input order; a request's `Sam3Error` comes in its place so one bad row does not end the job.
+        The input is read at most `concurrency` ahead, so a generator of any length keeps memory flat.
+        """
+        _check_concurrency(concurrency)
+        return _ordered_map(self._segment_one, requests, concurrency)
+
+    def run_many(
+        self,
+        images: Iterable[ImageInput],
+        text: Texts | None = None,
+        points: Coordinates | None = None,
+        boxes: Coordinates | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        timeout: float | None = None,
+        *,
+        model_id: str | None = None,
+        text_prompt: Texts | None = None,
+        prompts: Coordinates | None = None,
+        box_sets: BoxSets | None = None,
+        score_threshold: float | None = None,
+        concurrency: int = 8,
+    ) -> list[np.ndarray | Sam3Error]:
+        """`run()` for every image with one prompt, `concurrency` images in flight; results in input order.
+
+        An image that fails (unreadable, undecodable, a server error after retries) gets its `Sam3Error` in
+        its slot, so one bad file costs only itself; a bad prompt or `concurrency` raises before anything is
+        read or sent. `timeout` bounds each image, not the whole call. Images are read in the worker threads.
+
+            paths = ["a.jpg", "b.jpg", "c.jpg"]
+            for path, mask in zip(paths, client.run_many(paths, text="cat", concurrency=16)):
+                if isinstance(mask, Sam3Error):
+                    print(f"{path} failed: {mask}")
+        """
+        _check_concurrency(concurrency)
+        request = prompt_request(
+            text=text,
+            points=points,
+            boxes=boxes,
+            labels=labels,
+            timeout=self._timeout_for(timeout),
+            model_id=model_id,
+            text_prompt=text_prompt,
+            prompts=prompts,
+            box_sets=box_sets,
+            score_threshold=score_threshold,
+            return_detections=False,
+        )
+        return self._run_many(images, request, union_mask, concurrency)
+
+    def run_many_with_detections(
+        self,
+        images: Iterable[ImageInput],
+        text: Texts | None = None,
+        points: Coordinates | None = None,
+        boxes: Coordinates | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        timeout: float | None = None,
+        *,
+        model_id: str | None = None,
+        text_prompt: Texts | None = None,
+        prompts: Coordinates | None = None,
+        box_sets: BoxSets | None = None,
+        score_threshold: float | None = None,
+        concurrency: int = 8,
+    ) -> list[dict[str, Any] | Sam3Error]:
+        """`run_with_detections()` for every image, as `run_many()` does `run()`."""
+        _check_concurrency(concurrency)
+        request = prompt_request(
+            text=text,
+            points=points,
+            boxes=boxes,
+            labels=labels,
+            timeout=self._timeout_for(timeout),
+            model_id=model_id,
+            text_prompt=text_prompt,
+            prompts=prompts,
+            box_sets=box_sets,
+            score_threshold=score_threshold,
+            return_detections=True,
+        )
+        return self._run_many(images, request, detections, concurrency)
+
+    def _run_many(
+        self,
+        images: Iterable[ImageInput],
+        request: SegmentRequest,
+        convert: Callable[[SegmentResponse], R],
+        concurrency: int,
+    ) -> list[R | Sam3Error]:
+        """Encoding, sending and decoding all happen in the worker, so file reads and RLE decoding overlap too."""
+        _check_images(images)
+
+        def one(image_input: ImageInput) -> R:
+            return convert(self._segment_one(with_image(request, image_input, http=self._image_http)))
+
+        return list(_ordered_map(one, images, concurrency))
+
+    def _segment_one(self, request: SegmentRequest) -> SegmentResponse:
+        return self._segment_with_retries(request, self._timeout_for(request.timeout_s))
+
     def _segment_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
         return call_with_retries(
@@ -204,6 +358,59 @@ class SegmentClient(ABC):
     def _timeout_for(self, timeout: float | None) -> float | None:
         """A per-call timeout overrides the client's default."""
         return self.timeout if timeout is None else timeout
+
+
+def _ordered_map(work: Callable[[T], R], items: Iterable[T], concurrency: int) -> Iterator[R | Sam3Error]:
+    """`work(item)` on `concurrency` threads, results in input order, an item's `Sam3Error` in its place.
+
+    A sliding window: the next item is taken only as the oldest result is handed out, so at most
+    `concurrency` calls are in flight and no more than `concurrency + 1` items have been read.
+    Any other exception is a bug and propagates.
+    """
+    items = iter(items)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sam3-client")
+    try:
+        window = deque(pool.submit(_outcome, work, item) for item in islice(items, concurrency))
+        while window:
+            result = window.popleft().result()
+            window.extend(pool.submit(_outcome, work, item) for item in islice(items, 1))
+            yield result
+    finally:
+        # Left early (a break, a bug): the few calls in flight finish in the background, unread.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _outcome(work: Callable[[T], R], item: T) -> R | Sam3Error:
+    try:
+        return work(item)
+    except Sam3Error as error:
+        return _without_tracebacks(error)
+
+
+def _without_tracebacks(error: Sam3Error) -> Sam3Error:
+    """A kept error's traceback would keep its frames alive, and with them the encoded image."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
+def _check_concurrency(concurrency: int) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, numbers.Integral) or concurrency < 1:
+        raise InvalidRequestError(f"concurrency must be a positive integer, got {concurrency!r}")
+
+
+def _check_images(images: Any) -> None:
+    """One image where a list belongs would otherwise be iterated as characters, bytes or pixel rows."""
+    single = isinstance(images, (str, Path, bytes, bytearray, Image.Image))
+    if single or (isinstance(images, np.ndarray) and images.ndim < 4):
+        raise InvalidRequestError(
+            f"images must be an iterable of images (a list, a generator, an (N, H, W, C) array), "
+            f"got one {type(images).__name__}"
+        )
 
 
 def _check_timeout(timeout: float | None) -> None:

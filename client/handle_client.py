@@ -6,12 +6,16 @@ The `SegmentRequest` object goes to the ingress deployment's `segment` method as
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from client._api import SegmentClient
 from client.errors import NotFoundError, RequestTimeoutError, Sam3Error, ServiceUnavailableError, error_from_code
 from client.protocol import SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy
+
+# One lock for every client (a lookup happens once per client), so a client still pickles into Ray tasks.
+_LOOKUP_LOCK = threading.Lock()
 
 
 class Sam3HandleClient(SegmentClient):
@@ -39,24 +43,34 @@ class Sam3HandleClient(SegmentClient):
         self._handle: Any = None
 
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
-        handle = self._app_handle()
+        segment = self._segment_handle()
         try:
-            return handle.segment.remote(request).result(timeout_s=timeout)
+            return segment.remote(request).result(timeout_s=timeout)
         except Exception as error:
             raise as_sam3_error(error) from error
 
-    def _app_handle(self) -> Any:
-        """Looked up once, on first use: a missing application is a `NotFoundError`."""
-        if self._handle is None:
-            from ray.serve.exceptions import RayServeException
+    def _segment_handle(self) -> Any:
+        """Looked up once, on first use, under a lock: a missing application is a `NotFoundError`.
 
-            try:
-                self._handle = _get_app_handle(self.app_name)
-            except (RayServeException, ValueError) as error:
-                raise NotFoundError(f"no Ray Serve application {self.app_name!r}: {error}") from error
-            except Exception as error:
-                raise as_sam3_error(error) from error
+        Bulk calls come here from several threads at once, and Serve refuses to initialize a handle twice
+        (a second concurrent first `.remote()` raises), so the `segment` method handle, whose creation
+        initializes it, is made here once too.
+        """
+        if self._handle is None:
+            with _LOOKUP_LOCK:
+                if self._handle is None:
+                    self._handle = self._look_up()
         return self._handle
+
+    def _look_up(self) -> Any:
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            return _get_app_handle(self.app_name).segment
+        except (RayServeException, ValueError) as error:
+            raise NotFoundError(f"no Ray Serve application {self.app_name!r}: {error}") from error
+        except Exception as error:
+            raise as_sam3_error(error) from error
 
 
 def _get_app_handle(app_name: str) -> Any:
