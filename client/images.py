@@ -55,7 +55,7 @@ def _fetch(url: str, *, timeout: float | None, http: httpx.Client | None) -> byt
             response = httpx.get(url, timeout=timeout, follow_redirects=True)
         else:
             response = http.get(url, timeout=timeout, follow_redirects=True)
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise InvalidImageError(f"could not fetch image {url}: {error}") from error
     if not response.is_success:
         raise InvalidImageError(f"fetching image {url} returned HTTP {response.status_code}")

@@ -1,0 +1,243 @@
+"""`python -m pipelines.segment` as a user runs it: `ray job submit` against a real local cluster.
+
+The cluster is started here with `ray start --head` (and stopped after); the application is deployed with
+`serve deploy` from serve_config.yaml's CPU profile on the tiny random-weight checkpoint (its masks are
+meaningless: the test holds them against the in-process pipeline, not against reality). The inputs hold
+corrupt, truncated and zero-byte files and a bad prompt row; every good row must equal what the
+in-process pipeline gives, every bad row must carry its error code, and every row must be there once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from deployments.core.checkpoint import load_sam3
+from deployments.core.pipeline import Sam3Pipeline
+from deployments.launch import REPO, cpu_config, free_port
+from pipelines.rows import canonical_prompt, parse_prompt
+from tests.conftest import random_image
+
+BIN = Path(sys.executable).parent
+GOOD_IMAGES = 240
+TEXT = "a red car"
+BOX_PROMPT = json.dumps({"boxes": [[4, 4, 30, 28]], "labels": [1]})
+POINT_PROMPT = json.dumps({"points": [[12, 10]], "labels": [1]})
+BAD_PROMPT = json.dumps({"points": [[12, 10]], "labels": [1, 0]})  # two labels for one point
+
+
+class Cluster:
+    """A head node started by `ray start --head --block`; stopping that process stops this cluster only."""
+
+    def __init__(self, tmp_path: Path):
+        self.gcs_port, self.dashboard_port, self.http_port = free_port(), free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
+        }
+        self.log = (tmp_path / "ray-start.log").open("w")
+        self.head = subprocess.Popen(
+            [BIN / "ray", "start", "--head", "--block", f"--port={self.gcs_port}", "--num-cpus=8",
+             f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true", "--disable-usage-stats"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self._wait(lambda: self.ray("job", "list", check=False).returncode == 0, 120, "the job server to answer")
+
+    def ray(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([BIN / "ray", *args], env=self.env, capture_output=True, text=True, check=check,
+                              timeout=timeout, cwd=REPO)  # fmt: skip
+
+    def serve_deploy(self, config_path: Path) -> None:
+        deployed = subprocess.run([BIN / "serve", "deploy", str(config_path), "--address", self.env["RAY_ADDRESS"]], env=self.env, capture_output=True,
+                                  text=True, cwd=REPO, timeout=120)  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+        def running() -> bool:
+            result = subprocess.run([BIN / "serve", "status", "--address", self.env["RAY_ADDRESS"]], env=self.env, capture_output=True, text=True, cwd=REPO)
+            status = yaml.safe_load(result.stdout or "{}") or {}
+            application = (status.get("applications") or {}).get("sam3") or {}
+            assert application.get("status") != "DEPLOY_FAILED", result.stdout
+            return application.get("status") == "RUNNING"
+
+        self._wait(running, 300, "the application to run")
+
+    def submit(self, *job_args: str, submission_id: str | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir .` from the repository, as the README says; with an id, without waiting."""
+        extra = [] if submission_id is None else ["--no-wait", "--submission-id", submission_id]
+        result = self.ray("job", "submit", *extra, "--working-dir", ".", "--", "python", "-m", "pipelines.segment",
+                          *job_args, check=False)  # fmt: skip
+        assert result.returncode == 0, f"the job failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    def stop(self) -> None:
+        os.killpg(self.head.pid, signal.SIGTERM)
+        try:
+            self.head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.head.pid, signal.SIGKILL)
+        self.log.close()
+
+    @staticmethod
+    def _wait(condition, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(1)
+        raise TimeoutError(f"waited {timeout_s} s for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny112_dir):
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        config = cpu_config(str(tiny112_dir), cluster.http_port)
+        config_path = tmp_path_factory.mktemp("serve") / "sam3-cpu.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        cluster.serve_deploy(config_path)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, str]:
+    """Good images of varied sizes and the bad files, by path, with the error code each bad one must get."""
+    root = tmp_path_factory.mktemp("images")
+    expected: dict[str, str] = {}
+    for index in range(GOOD_IMAGES):
+        path = root / f"sub{index % 3}" / f"image{index:04}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(random_image(24 + index % 17, 32 + index % 13, seed=index)).save(path)
+        expected[str(path)] = ""
+    whole = (root / "sub0" / "image0000.png").read_bytes()
+    for name, content in {"zero.png": b"", "truncated.png": whole[: len(whole) // 2], "corrupt.jpg": b"\xff\xd8" + b"x" * 300}.items():
+        (root / name).write_bytes(content)
+        expected[str(root / name)] = "invalid_image"
+    return expected
+
+
+@pytest.fixture(scope="module")
+def table(images, tmp_path_factory) -> tuple[Path, dict[tuple[str, str], str]]:
+    """A Parquet table of (image, prompt): text, box and point prompts, a bad prompt, a missing file."""
+    rows: dict[tuple[str, str], str] = {}
+    for index, (path, code) in enumerate(images.items()):
+        prompt = (TEXT, BOX_PROMPT, POINT_PROMPT)[index % 3]
+        rows[(path, prompt)] = code
+    good = next(path for path, code in images.items() if not code)
+    rows[(good, BAD_PROMPT)] = "invalid_prompt"
+    rows[(str(Path(good).with_name("missing.png")), TEXT)] = "invalid_image"
+    path = tmp_path_factory.mktemp("table") / "rows.parquet"
+    pq.write_table(pa.table({"image": [image for image, _ in rows], "prompt": [prompt for _, prompt in rows]}), path)
+    return path, rows
+
+
+@lru_cache(maxsize=1)
+def in_process(checkpoint: str) -> Sam3Pipeline:
+    return Sam3Pipeline(load_sam3(checkpoint))
+
+
+def output_rows(output: Path) -> list[dict]:
+    return pads.dataset(output, format="parquet").to_table().to_pylist()
+
+
+def assert_rows(rows: list[dict], expected: dict[tuple[str, str], str], checkpoint: str) -> None:
+    """Every (image, prompt) once; bad rows with their code; good rows equal to the in-process pipeline."""
+    keys = [(row["image"], row["prompt"]) for row in rows]
+    canonical = {(image, canonical_prompt(prompt)): code for (image, prompt), code in expected.items()}
+    assert len(keys) == len(set(keys)) == len(canonical), "every row exactly once"
+    assert set(keys) == set(canonical)
+    pipeline = in_process(checkpoint)
+    for row in rows:
+        code = canonical[(row["image"], row["prompt"])]
+        if code:
+            assert row["error_code"] == code, row
+            assert row["error_message"] and row["union_mask"] is None
+            continue
+        assert row["error_code"] is None, row
+        segmentation = pipeline.segment(row["image"], **parse_prompt(row["prompt"]))
+        np.testing.assert_array_equal(_decode(row["union_mask"]), segmentation.union_mask)
+        assert (row["height"], row["width"]) == segmentation.union_mask.shape
+        assert len(row["masks"]) == len(segmentation.masks)
+        for mask, expected_mask in zip(row["masks"], segmentation.masks):
+            np.testing.assert_array_equal(_decode(mask), expected_mask)
+        np.testing.assert_allclose(np.array(row["scores"]).reshape(-1), segmentation.scores, atol=1e-5)
+        np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), segmentation.boxes, atol=1e-3)
+
+
+def _decode(rle: dict) -> np.ndarray:
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}) * np.uint8(255)
+
+
+def _readable_rows(path: Path) -> int:
+    """Rows in a file the stopped job finished writing (one it was cut off in has no footer)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowInvalid, OSError):
+        return 0
+
+
+def summary_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("run-")]
+    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
+    return lines[-1]
+
+
+def test_via_service_table_with_prompt_column(cluster, table, tiny112_dir, tmp_path):
+    table_path, expected = table
+    output = tmp_path / "out"
+    result = cluster.submit("--via", "service", "--input", str(table_path), "--prompt-column", "prompt",
+                            "--output", str(output), "--rows-per-file", "50", "--workers", "2")  # fmt: skip
+    line = summary_line(result)
+    assert f"{len(expected)} rows" in line and "invalid_image 4" in line and "invalid_prompt 1" in line, line
+    assert_rows(output_rows(output), expected, str(tiny112_dir))
+    assert all(pq.read_metadata(path).num_rows <= 50 for path in output.glob("*.parquet"))
+
+
+def test_via_actors_directory_with_coco_results(cluster, images, tiny112_dir, tmp_path):
+    output, coco_json = tmp_path / "out", tmp_path / "results.json"
+    result = cluster.submit("--via", "actors", "--input", str(Path(next(iter(images))).parents[1]), "--text", TEXT,
+                            "--output", str(output), "--checkpoint", str(tiny112_dir), "--device", "cpu",
+                            "--coco-json", str(coco_json))  # fmt: skip
+    assert "invalid_image 3" in summary_line(result)
+    rows = output_rows(output)
+    assert_rows(rows, {(path, TEXT): code for path, code in images.items()}, str(tiny112_dir))
+    results = json.loads(coco_json.read_text())
+    assert len(results) == sum(len(row["masks"] or []) for row in rows) > 0
+    assert {result["category_id"] for result in results} == {1}
+
+
+def test_an_interrupted_job_finishes_on_the_rerun_with_every_row_once(cluster, images, tiny112_dir, tmp_path):
+    output = tmp_path / "out"
+    args = ["--via", "actors", "--input", str(Path(next(iter(images))).parents[1]), "--text", TEXT, "--output",
+            str(output), "--checkpoint", str(tiny112_dir), "--device", "cpu", "--rows-per-file", "8",
+            "--batch-size", "4", "--workers", "1"]  # fmt: skip
+    job_id = f"interrupted-{uuid.uuid4().hex[:8]}"
+    cluster.submit(*args, submission_id=job_id)
+    deadline = time.monotonic() + 300
+    while not list(output.glob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cluster.ray("job", "stop", job_id)
+    partial = sum(_readable_rows(path) for path in output.glob("*.parquet"))
+    assert 0 < partial < len(images), f"the job should have been stopped halfway, it had written {partial} rows"
+    line = summary_line(cluster.submit(*args))
+    assert "skipped" in line and "rows done before" in line, line
+    assert_rows(output_rows(output), {(path, TEXT): code for path, code in images.items()}, str(tiny112_dir))
