@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
-from client._api import segment_request
-from client.errors import InvalidPromptError, Sam3Error
+from client._api import prompt_request, with_image
+from client.errors import InvalidImageError, InvalidPromptError, Sam3Error
 from client.protocol import RleMask, SegmentRequest, SegmentResponse
 
 PROMPT_KEYS = {"text", "points", "boxes", "labels", "box_sets"}
@@ -88,8 +89,23 @@ def _row_key(image: str, prompt: str) -> int:
 
 
 def build_request(image: str, prompt: str, *, timeout_s: float | None) -> SegmentRequest:
-    """The request a client would send: the same prompt checks and the same image reading (typed errors)."""
-    return segment_request(image, **parse_prompt(prompt), timeout=timeout_s, return_detections=True)
+    """The request a client would send: the same prompt checks and the same image reading (typed errors).
+    Paths and http(s) URLs are read as the clients read them; other URIs (s3://, gs://, file://) by pyarrow."""
+    request = prompt_request(**parse_prompt(prompt), timeout=timeout_s, return_detections=True)
+    return with_image(request, read_uri(image) if _is_storage_uri(image) else image, http=None)
+
+
+def read_uri(uri: str) -> bytes:
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (OSError, pa.ArrowException) as error:
+        raise InvalidImageError(f"cannot read image {uri}: {error}") from error
+
+
+def _is_storage_uri(image: str) -> bool:
+    return "://" in image and not image.lower().startswith(("http://", "https://"))
 
 
 def segment_rows(images: Sequence[str], prompts: Sequence[str], answer: Answer, *, timeout_s: float | None) -> pa.Table:

@@ -31,7 +31,7 @@ from client.rle import encode_mask, encode_masks
 from pipelines import segment as segment_module
 from pipelines.coco import categories_path, write_coco_results
 from pipelines.output import prepare_output, summarize
-from pipelines.rows import OUTPUT_SCHEMA, canonical_prompt, parse_prompt, row_keys, segment_rows
+from pipelines.rows import OUTPUT_SCHEMA, build_request, canonical_prompt, parse_prompt, row_keys, segment_rows
 from pipelines.segment import drop_done, list_images, table_rows
 from tests.conftest import random_image
 
@@ -247,7 +247,7 @@ def test_segment_rows_answers_buildable_rows_in_order_and_types_the_rest(tmp_pat
         (good, '{"points": [[1, 2], [3, 4]], "labels": [1]}'),  # one label for two points
         (str(empty), CAT),  # the client sends zero bytes: only the server can say they are no image
         (other, POINT),  # answered
-        ("http://[::1", CAT),  # a URL httpx refuses with its own (untyped) exception
+        ("http://[::1", CAT),  # a URL httpx refuses
         (good, '{"txt": "cat"}'),  # unknown key
         (other, canonical_prompt("dog")),  # answered
         (good, canonical_prompt({"boxes": [[1, 2, 8, 9]], "labels": [1]})),  # answered
@@ -285,7 +285,7 @@ def test_segment_rows_answers_buildable_rows_in_order_and_types_the_rest(tmp_pat
         "invalid_prompt",
         "invalid_image",
         None,
-        "internal_error",
+        "invalid_image",
         "invalid_prompt",
         "internal_error",
         "prompt_too_long",
@@ -293,7 +293,7 @@ def test_segment_rows_answers_buildable_rows_in_order_and_types_the_rest(tmp_pat
     messages = table["error_message"].to_pylist()
     assert "missing.png" in messages[1]
     assert "labels" in messages[3]
-    assert messages[6].startswith("InvalidURL: ")
+    assert messages[6].startswith("could not fetch image http://[::1")
     assert messages[8] == "RuntimeError: boom"
     assert messages[9] == "33 tokens, at most 32"
     for index in (0, 5):
@@ -604,3 +604,11 @@ def test_coco_results_of_an_output_with_no_instances_is_an_empty_list(tmp_path):
     assert json.loads(results_path.read_text()) == []
     assert json.loads(categories_path(results_path).read_text()) == []
 
+
+
+def test_storage_uris_are_read_through_pyarrow(tmp_path):
+    path = write_png(tmp_path / "via-uri.png", seed=3)
+    request = build_request(Path(path).as_uri(), CAT, timeout_s=None)
+    assert request.image == Path(path).read_bytes()
+    with pytest.raises(InvalidImageError, match="cannot read image"):
+        build_request((tmp_path / "missing.png").as_uri(), CAT, timeout_s=None)
