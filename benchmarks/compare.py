@@ -28,7 +28,6 @@ import itertools
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from ray import serve
 from skimage import data
 from transformers import Sam3Model, Sam3Processor
 
+from benchmarks.machine import cpu_name, git_commit
 from client import Sam3HandleClient, Sam3HttpClient
 from client.errors import Sam3Error
 from client.images import encode_image
@@ -121,21 +121,6 @@ def preset_checkpoint(preset: str) -> Path:
             return tiny_checkpoint.build_tiny_checkpoint(out_dir, image_size=112)
         tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)
     return out_dir
-
-
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def print_header(args, checkpoint: Path, photo: Path) -> None:

@@ -34,7 +34,6 @@ import platform
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,9 +48,10 @@ import psutil
 import yaml
 from ray import serve
 
+from benchmarks.machine import cpu_name, git_commit
 from client import Sam3HandleClient
 from client.errors import Sam3Error
-from deployments.launch import APP_NAME, REPO, cpu_config, free_port, serve_run
+from deployments.launch import APP_NAME, cpu_config, free_port, serve_run
 from pipelines.config import JobConfig
 from pipelines.output import summarize
 from pipelines.segment import run_job
@@ -254,6 +254,10 @@ class Setup:
     service_start_s: float | None = None
 
 
+def rows_per_call(via: str) -> int:
+    return JobConfig(input="-", output="-", via=via, text="-").rows_per_call
+
+
 def measured(name: str, work) -> tuple[Sampler, float, object]:
     """`work()` under the sampler; wall seconds around the whole call."""
     print(f"measuring {name}", file=sys.stderr, flush=True)
@@ -376,21 +380,6 @@ def measure_sizes(setup: Setup, images: dict[int, Path]) -> list[Run]:
 # ---------------------------------------------------------------- report
 
 
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def print_header(args: argparse.Namespace, checkpoint: Path, load_before: tuple[float, ...]) -> None:
     print(f"# benchmarks.pipeline_throughput, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}")
     print()
@@ -405,8 +394,8 @@ def print_header(args: argparse.Namespace, checkpoint: Path, load_before: tuple[
     height, width = args.image_size
     print(
         f"- inputs: random PNGs {height}x{width} (height x width), text prompt {args.text!r}; job: --workers "
-        f"{args.workers}, --batch-size {JobConfig.model_fields['batch_size'].default}, --max-in-flight "
-        f"{JobConfig.model_fields['max_in_flight'].default}; both engines use the CPU profile's args "
+        f"{args.workers}, --max-in-flight {JobConfig.model_fields['max_in_flight'].default}, rows per worker call "
+        f"(--batch-size) actors {rows_per_call('actors')}, service {rows_per_call('service')}; both engines use the CPU profile's args "
         f"(torch threads = {os.cpu_count()})"
     )
     print(

@@ -27,11 +27,22 @@ class JobConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
     workers: int = Field(2, ge=1, description="service: caller actors; actors: most model actors (one per GPU).")
     max_in_flight: int = Field(8, ge=1, description="service: requests each caller keeps in flight.")
-    batch_size: int = Field(8, ge=1, description="Rows per call of an actor (actors: one model batch).")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per call of a worker: actors, one model batch (8); service, 8 x --max-in-flight, so the "
+        "window of requests in flight stays full but for each call's last few",
+    )
     worker_cpus: float = Field(1.0, gt=0, description="CPUs each worker actor asks for (model actors on CPU).")
     rows_per_file: int = Field(1000, ge=1, description="Rows per output Parquet file (bounds file size and lost work).")
     timeout_s: float = Field(300.0, gt=0, description="service: each request's budget, retries included.")
     retries: int = Field(8, ge=0, description="service: retries of a 503 or a lost replica, with backoff.")
+
+    @property
+    def rows_per_call(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return 8 * self.max_in_flight if self.via == "service" else 8
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> JobConfig:

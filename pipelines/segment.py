@@ -53,7 +53,7 @@ def run_job(config: JobConfig) -> str:
     rows = input_rows(config)
     if len(done):
         rows = rows.map_batches(drop_done, batch_format="pyarrow", fn_kwargs={"done": [ray.put(done)]})
-    rows = rows.repartition(target_num_rows_per_block=config.batch_size)
+    rows = rows.repartition(target_num_rows_per_block=config.rows_per_call)
     started = time.monotonic()
     segmented = segment_stage(rows, config)
     segmented.write_parquet(
@@ -165,7 +165,7 @@ def drop_done(batch: pa.Table, *, done: list) -> pa.Table:
 
 
 def segment_stage(rows: Dataset, config: JobConfig) -> Dataset:
-    common = {"batch_size": config.batch_size, "batch_format": "pyarrow", "num_cpus": config.worker_cpus}
+    common = {"batch_size": config.rows_per_call, "batch_format": "pyarrow", "num_cpus": config.worker_cpus}
     if config.via == "service":
         _check_application(config.app_name)
         return rows.map_batches(
