@@ -295,6 +295,7 @@ def run_job_measured(name: str, setup: Setup, images: Path, via: str) -> Run:
         config=setup.config_path,
         app_name=APP_NAME,
         workers=setup.args.workers,
+        batch_size=setup.args.batch_size,
     )
     sampler, wall_s, line = measured(name, lambda: run_job(config))
     wait_for_ray_data_workers_to_exit()
@@ -491,6 +492,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text", default="cat", help="the text prompt")
     parser.add_argument("--workers", type=int, default=1, help="the job's --workers (callers or model actors)")
     parser.add_argument("--concurrency", type=int, default=8, help="run_many's concurrency")
+    parser.add_argument("--batch-size", type=int, help="the job's --batch-size (rows per worker call)")
     args = parser.parse_args()
     args.only = args.only.split(",")
     unknown = set(args.only) - set(ENGINES)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,7 +43,7 @@ from pipelines.rows import canonical_prompt, row_keys
 logger = logging.getLogger("pipelines.segment")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy")
-LISTING_ROWS_PER_BLOCK = 10_000
+LISTING_ROWS_PER_FILE = 10_000
 
 
 def run_job(config: JobConfig) -> str:
@@ -50,7 +52,11 @@ def run_job(config: JobConfig) -> str:
         ray.init()  # inside `ray job submit`, this joins the job's cluster
     run_id = datetime.now(timezone.utc).strftime("run-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     done = prepare_output(config.output)
-    rows = input_rows(config)
+    with tempfile.TemporaryDirectory(prefix="sam3-job-") as workdir:
+        return _run(config, run_id, done, input_rows(config, Path(workdir)))
+
+
+def _run(config: JobConfig, run_id: str, done: np.ndarray, rows: Dataset) -> str:
     if len(done):
         rows = rows.map_batches(drop_done, batch_format="pyarrow", fn_kwargs={"done": [ray.put(done)]})
     rows = rows.repartition(target_num_rows_per_block=config.rows_per_call)
@@ -76,27 +82,38 @@ def run_job(config: JobConfig) -> str:
     return line
 
 
-def input_rows(config: JobConfig) -> Dataset:
-    """(image, prompt) rows: the image as listed (a path or URL) and the prompt in canonical JSON."""
+def input_rows(config: JobConfig, workdir: Path) -> Dataset:
+    """(image, prompt) rows: the image as listed (a path or URL) and the prompt in canonical JSON.
+
+    A directory or glob is listed into Parquet files in `workdir` a chunk at a time, and read back on this
+    node (`local://`), so the driver never holds the whole listing: its memory stays flat at any size.
+    """
     if is_table(config.input):
         return _table_rows(config)
     prompt = canonical_prompt(config.text if config.text is not None else config.prompt)
-    blocks = [
-        pa.table({"image": chunk, "prompt": [prompt] * len(chunk)})
-        for chunk in _chunks(list_images(config.input), LISTING_ROWS_PER_BLOCK)
-    ]
-    if not blocks:
+    files = 0
+    for files, chunk in enumerate(_chunks(list_images(config.input), LISTING_ROWS_PER_FILE), start=1):
+        pq.write_table(pa.table({"image": chunk, "prompt": [prompt] * len(chunk)}), workdir / f"listing-{files:06}.parquet")
+    if not files:
         raise SystemExit(f"no images in {config.input} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return ray.data.from_arrow(blocks)
+    return ray.data.read_parquet(f"local://{workdir}")
 
 
 def list_images(input_path: str) -> Iterator[str]:
-    """A glob's files, or a directory's image files (recursively), in name order."""
+    """A glob's files, or a directory's image files (recursively), as the file system lists them: local
+    directories one at a time, in name order within each; a URI's listing comes from pyarrow whole."""
     if any(char in input_path for char in "*?["):
-        yield from (path for path in sorted(glob.glob(input_path, recursive=True)) if Path(path).is_file())
+        yield from (path for path in glob.iglob(input_path, recursive=True) if Path(path).is_file())
+        return
+    if "://" not in input_path:
+        if not Path(input_path).is_dir():
+            raise SystemExit(f"--input {input_path} is not a directory, a glob or a .parquet/.csv table")
+        for directory, subdirectories, names in os.walk(input_path):
+            subdirectories.sort()
+            yield from (os.path.join(directory, name) for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES))
         return
     filesystem, root = output_filesystem(input_path)
-    scheme = input_path.split("://", 1)[0] + "://" if "://" in input_path else ""
+    scheme = input_path.split("://", 1)[0] + "://"
     if filesystem.get_file_info(root).type != pafs.FileType.Directory:
         raise SystemExit(f"--input {input_path} is not a directory, a glob or a .parquet/.csv table")
     infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))

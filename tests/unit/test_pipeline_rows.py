@@ -471,7 +471,7 @@ def test_drop_done_skips_the_rows_whose_keys_are_done(monkeypatch):
     assert kept(other_prompt) == images, "the same image with another prompt is not done"
 
 
-def test_list_images_recurses_filters_by_suffix_and_sorts(tmp_path):
+def test_list_images_recurses_one_directory_at_a_time_and_filters_by_suffix(tmp_path):
     for name in ["b.png", "a.JPG", "sub/c.jpeg", "sub/deeper/d.npy", "sub/deeper/f.png", "sub/e.webp", "z.tiff"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
@@ -480,9 +480,9 @@ def test_list_images_recurses_filters_by_suffix_and_sorts(tmp_path):
     (tmp_path / "folder.png").mkdir()  # a directory with an image's suffix
 
     listed = list(list_images(str(tmp_path)))
-    expected = ["a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.npy", "sub/deeper/f.png", "sub/e.webp", "z.tiff"]
-    assert listed == sorted(str(tmp_path / name) for name in expected)
-    assert listed == sorted(listed)
+    # One directory at a time (its files, then its subdirectories), in name order within each.
+    expected = ["a.JPG", "b.png", "z.tiff", "sub/c.jpeg", "sub/e.webp", "sub/deeper/d.npy", "sub/deeper/f.png"]
+    assert listed == [str(tmp_path / name) for name in expected]
 
     assert list(list_images(str(tmp_path / "*.png"))) == [str(tmp_path / "b.png")]
     assert list(list_images(str(tmp_path / "**" / "*.p*"))) == sorted(
