@@ -3,6 +3,7 @@
 import pytest
 from ray import serve
 
+from client import Sam3HandleClient, Sam3HttpClient
 from tests.serve.app_runner import APP_NAME, cpu_config, free_port, serve_run
 
 
@@ -17,3 +18,14 @@ def app_url(ray_address, serve_port, tiny112_dir, tmp_path_factory):
     config = cpu_config(str(tiny112_dir), serve_port)
     yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
     serve.delete(APP_NAME)
+
+
+@pytest.fixture(scope="module")
+def http_client(app_url):
+    with Sam3HttpClient(app_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def handle_client(app_url):
+    return Sam3HandleClient(APP_NAME)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResponse
+from client import Sam3HandleClient, SegmentRequest, SegmentResponse
 from client.errors import InvalidPromptError, PromptTooLongError
 from deployments.app import build_app
 from deployments.config import AppArgs
@@ -37,17 +37,6 @@ PROMPTS = {
     "points": {"points": [[50, 40], [100, 70]], "labels": [1, 0]},
     "one_point": {"points": [[50, 40]], "labels": [1]},
 }
-
-
-@pytest.fixture(scope="module")
-def http_client(app_url):
-    with Sam3HttpClient(app_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def handle_client(app_url):
-    return Sam3HandleClient(APP_NAME)
 
 
 @lru_cache(maxsize=1)

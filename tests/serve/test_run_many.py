@@ -9,24 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client import Sam3HandleClient, Sam3HttpClient
 from client.errors import InvalidImageError
 from tests.conftest import random_image
-from tests.serve.app_runner import APP_NAME
 
 SIZES = [(90, 130), (64, 64), (120, 80), (33, 57), (100, 100)]
 TEXTS = ["a red car", "dog", "cat"]  # several concepts and a low threshold, so there are instances to compare
-
-
-@pytest.fixture(scope="module")
-def http_client(app_url):
-    with Sam3HttpClient(app_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def handle_client(app_url):
-    return Sam3HandleClient(APP_NAME)
 
 
 @pytest.fixture
