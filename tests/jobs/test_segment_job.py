@@ -41,6 +41,7 @@ GOOD_IMAGES = 240
 TEXT = "a red car"
 BOX_PROMPT = json.dumps({"boxes": [[4, 4, 30, 28]], "labels": [1]})
 POINT_PROMPT = json.dumps({"points": [[12, 10]], "labels": [1]})
+NO_AGENT_YET = "No available agent to submit job"
 BAD_PROMPT = json.dumps({"points": [[12, 10]], "labels": [1, 0]})  # two labels for one point
 
 
@@ -89,8 +90,14 @@ class Cluster:
     def submit(self, *job_args: str, submission_id: str | None = None) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir .` from the repository, as the README says; with an id, without waiting."""
         extra = [] if submission_id is None else ["--no-wait", "--submission-id", submission_id]
-        result = self.ray("job", "submit", *extra, "--working-dir", ".", "--", "python", "-m", "pipelines.segment",
-                          *job_args, check=False)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            result = self.ray("job", "submit", *extra, "--working-dir", ".", "--", "python", "-m",
+                              "pipelines.segment", *job_args, check=False)  # fmt: skip
+            # The job server answers before the node's agent that runs jobs is up; it says to try again.
+            if NO_AGENT_YET not in result.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert result.returncode == 0, f"the job failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
         return result
 
