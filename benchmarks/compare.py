@@ -61,6 +61,7 @@ from deployments.core import tiny_checkpoint
 from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import Sam3Pipeline
 from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
+from deployments.profiles import set_default_checkpoint
 
 SECTIONS = ("inprocess", "prompts", "http", "handle", "floor")
 PROMPT_COUNTS = (1, 4)
@@ -269,7 +270,8 @@ def app_config(checkpoint: Path, port: int, device: str, max_batch_size: int | N
         config = cpu_config(str(checkpoint), port)
     else:
         config = yaml.safe_load(SERVE_CONFIG.read_text())
-        config["applications"][0]["args"].update(checkpoint=str(checkpoint), device=device)
+        set_default_checkpoint(config["applications"][0]["args"], str(checkpoint))
+        config["applications"][0]["args"]["device"] = device
         config["http_options"].update(host="127.0.0.1", port=port)
     for deployment in config["applications"][0]["deployments"]:
         autoscaling = deployment.get("autoscaling_config")

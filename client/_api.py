@@ -28,8 +28,6 @@ from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy, call_with_retries
 from client.rle import decode_mask
 
-SUPPORTED_MODEL_ID = "sam3"
-
 Coordinates = Sequence[Sequence[float]] | np.ndarray
 T = TypeVar("T")
 R = TypeVar("R")
@@ -102,7 +100,6 @@ def prompt_request(
 ) -> SegmentRequest:
     """Every check but the image's, with an empty image: bulk calls check their one prompt once, then `with_image`."""
     _check_timeout(timeout)
-    _check_model_id(model_id)
     text = _one_of("text", _as_list(text), "text_prompt", _as_list(text_prompt))
     points = _one_of("points", _as_list(points), "prompts", _as_list(prompts))
     boxes, labels = _as_list(boxes), _as_list(labels)
@@ -119,9 +116,10 @@ def prompt_request(
             score_threshold=score_threshold,
             return_detections=return_detections,
             timeout_s=timeout,
+            model_id=model_id,
         )
     except ValidationError as error:
-        raise InvalidPromptError(f"invalid prompt: {_describe(error)}") from error
+        raise _invalid_argument(error) from error
 
 
 def with_image(request: SegmentRequest, image_input: ImageInput | None, *, http: httpx.Client | None) -> SegmentRequest:
@@ -418,11 +416,6 @@ def _check_timeout(timeout: float | None) -> None:
         raise InvalidRequestError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
-def _check_model_id(model_id: str | None) -> None:
-    if model_id not in (None, SUPPORTED_MODEL_ID):
-        raise InvalidRequestError(f"unsupported model_id {model_id!r}: this service serves {SUPPORTED_MODEL_ID!r}")
-
-
 def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     """An argument given under its name or its alias, not both (two values would be ambiguous)."""
     if value is not None and alias_value is not None:
@@ -507,6 +500,13 @@ def _check_labels(name: str, count: int, labels: Any) -> None:
         raise InvalidPromptError(f"labels must have one entry per {singular}: {count} {name}, labels {labels!r}")
     if any(label not in (0, 1) for label in labels):
         raise InvalidPromptError(f"labels must be 0 (background) or 1 (foreground), got {labels!r}")
+
+
+def _invalid_argument(error: ValidationError) -> InvalidRequestError:
+    """A bad `model_id` is a bad request; anything else the wire model refuses is a bad prompt."""
+    if any(item["loc"][:1] == ("model_id",) for item in error.errors()):
+        return InvalidRequestError(f"invalid model_id: {_describe(error)}")
+    return InvalidPromptError(f"invalid prompt: {_describe(error)}")
 
 
 def _describe(error: ValidationError) -> str:

@@ -14,10 +14,15 @@ class Sam3Error(Exception):
     http_status = 500
     # Seconds the server asked the caller to wait before retrying (its `Retry-After`), when it said so.
     retry_after_s: float | None = None
+    # The id of the request that failed (`X-Request-Id`), which the server's logs name: quote it when asking.
+    request_id: str | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+    def __str__(self) -> str:
+        return self.message if self.request_id is None else f"{self.message} (request id {self.request_id})"
 
 
 class InvalidRequestError(Sam3Error):
@@ -79,6 +84,12 @@ class NotFoundError(Sam3Error):
 
     code = "not_found"
     http_status = 404
+
+
+class ModelNotFoundError(NotFoundError):
+    """The request names a `model_id` the service does not serve."""
+
+    code = "model_not_found"
 
 
 class ServiceUnavailableError(Sam3Error):

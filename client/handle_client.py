@@ -44,10 +44,15 @@ class Sam3HandleClient(SegmentClient):
 
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         segment = self._segment_handle()
+        response = None
         try:
-            return segment.remote(request).result(timeout_s=timeout)
+            response = segment.remote(request)
+            return response.result(timeout_s=timeout)
         except Exception as error:
-            raise as_sam3_error(error) from error
+            typed = as_sam3_error(error)
+            # Serve's id of this call, which the ingress logs a failure under.
+            typed.request_id = response.request_id if response is not None else None
+            raise typed from error
 
     def _segment_handle(self) -> Any:
         """Looked up once, on first use, under a lock: a missing application is a `NotFoundError`.

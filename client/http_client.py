@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 
 import httpx
 from pydantic import ValidationError
@@ -18,7 +19,14 @@ from client.errors import (
     ServiceUnavailableError,
     error_from_code,
 )
-from client.protocol import HEALTH_PATH, SEGMENT_PATH, ErrorResponse, SegmentRequest, SegmentResponse
+from client.protocol import (
+    HEALTH_PATH,
+    REQUEST_ID_HEADER,
+    SEGMENT_PATH,
+    ErrorResponse,
+    SegmentRequest,
+    SegmentResponse,
+)
 from client.retry import RetryPolicy
 
 # Error bodies that are not our JSON (a proxy's HTML page, say) are typed by their status alone.
@@ -89,25 +97,27 @@ class Sam3HttpClient(SegmentClient):
     def _send(self, method: str, path: str, *, timeout: float | None, json_body: str | None = None) -> httpx.Response:
         """The network layer: one request, every failure as a `client.errors` type."""
         url = self.base_url + path
+        request_id = uuid.uuid4().hex  # sent as X-Request-Id: the server logs a failure under it
         try:
             response = self._http.request(
-                method, url, content=json_body, headers=self._headers(json_body), timeout=timeout
+                method, url, content=json_body, headers=self._headers(json_body, request_id), timeout=timeout
             )
-        except httpx.TimeoutException as error:
-            raise RequestTimeoutError(f"{method} {url} timed out after {timeout} s: {error}") from error
-        except httpx.TransportError as error:
-            raise ConnectionFailedError(f"cannot reach {url}: {error}") from error
         except httpx.HTTPError as error:
-            raise Sam3Error(f"{method} {url} failed: {error}") from error
+            failure = _transport_error(method, url, timeout, error)
+            failure.request_id = request_id
+            raise failure from error
         if not response.is_success:
-            error = _error_from_response(response)
-            error.retry_after_s = _retry_after_s(response)
-            raise error
+            failure = _error_from_response(response)
+            failure.retry_after_s = _retry_after_s(response)
+            failure.request_id = response.headers.get(REQUEST_ID_HEADER, request_id)
+            raise failure
         return response
 
-    def _headers(self, json_body: str | None) -> dict[str, str]:
+    def _headers(self, json_body: str | None, request_id: str) -> dict[str, str]:
         """Per request, not on the httpx client, so image URLs fetched with it never see the API key."""
-        headers = {"content-type": "application/json"} if json_body is not None else {}
+        headers = {REQUEST_ID_HEADER: request_id}
+        if json_body is not None:
+            headers["content-type"] = "application/json"
         if self._api_key is not None:
             headers["authorization"] = f"Bearer {self._api_key}"
         return headers
@@ -117,6 +127,14 @@ def _normalized_prefix(route_prefix: str) -> str:
     """'', '/', 'sam3', '/sam3/' -> '' or '/sam3', so joining with the API paths gives one slash."""
     stripped = route_prefix.strip("/")
     return f"/{stripped}" if stripped else ""
+
+
+def _transport_error(method: str, url: str, timeout: float | None, error: httpx.HTTPError) -> Sam3Error:
+    if isinstance(error, httpx.TimeoutException):
+        return RequestTimeoutError(f"{method} {url} timed out after {timeout} s: {error}")
+    if isinstance(error, httpx.TransportError):
+        return ConnectionFailedError(f"cannot reach {url}: {error}")
+    return Sam3Error(f"{method} {url} failed: {error}")
 
 
 def _error_from_response(response: httpx.Response) -> Sam3Error:

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 API_VERSION = "v1"
 SEGMENT_PATH = f"/{API_VERSION}/segment"
 HEALTH_PATH = f"/{API_VERSION}/health"
+# Every answer carries it (the caller's own id if it sent one), and the server logs failures under it.
+REQUEST_ID_HEADER = "x-request-id"
 
 PromptType = Literal["text", "points", "boxes"]
 
@@ -60,6 +62,12 @@ class SegmentRequest(WireModel):
     timeout_s: float | None = Field(
         None, gt=0, description="The caller's time budget: work still queued when it runs out is dropped."
     )
+    model_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Which of the service's checkpoints answers (its `models` setting); none: the default one.",
+    )
 
     @property
     def prompt_type(self) -> PromptType:
@@ -97,6 +105,7 @@ class SegmentResponse(WireModel):
 class ErrorDetail(WireModel):
     code: str = Field(description="Stable, machine-readable: the clients map it to a typed exception.")
     message: str
+    request_id: str | None = Field(None, description="The request's `X-Request-Id`, which the server's logs name.")
 
 
 class ErrorResponse(WireModel):

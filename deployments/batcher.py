@@ -87,8 +87,11 @@ class ContinuousBatcher(Generic[Item, Result]):
             pass
 
     async def _dispatch(self) -> None:
+        """Runs while there is work: an idle batcher holds no task, so nothing keeps an unloaded model alive."""
         while True:
             self._drop_cancelled()
+            if not self._queue and not self._running:
+                return
             if self._running >= self.max_concurrent_batches or not self._queue:
                 await self._wait_for_change()
                 continue

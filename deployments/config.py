@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from client.errors import ModelNotFoundError
 
 
 class AppArgs(BaseModel):
@@ -15,9 +17,15 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field(
-        "facebook/sam3",
-        description="A Hugging Face hub name (uses the local cache first) or a checkpoint directory.",
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"sam3": "facebook/sam3"},
+        min_length=1,
+        description="Model ids a request may name (`model_id`), each a Hugging Face hub name (the local cache "
+        "first) or a checkpoint directory.",
+    )
+    default_model: str = Field("sam3", description="The model id of requests that name none.")
+    max_models_per_replica: int = Field(
+        2, ge=1, description="Checkpoints a model replica holds at once; past it the least recently used is unloaded."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica has a GPU.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -50,6 +58,25 @@ class AppArgs(BaseModel):
     )
     api_key_file: str | None = Field(None, description="A file holding the API key (a mounted secret).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
+
+    @model_validator(mode="after")
+    def _default_model_is_served(self) -> AppArgs:
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not one of models: {sorted(self.models)}")
+        return self
+
+    @property
+    def checkpoint(self) -> str:
+        """The default model's checkpoint: what single-model users (the jobs' in-process engine) load."""
+        return self.models[self.default_model]
+
+    def model_id_for(self, requested: str | None) -> str:
+        """The model id that answers a request; an id the service does not serve is a typed 404."""
+        if requested is None:
+            return self.default_model
+        if requested not in self.models:
+            raise ModelNotFoundError(f"no model {requested!r}: this service serves {sorted(self.models)}")
+        return requested
 
 
 class BatchConfig(BaseModel):

@@ -31,4 +31,4 @@ def as_sam3_error(error: BaseException) -> Sam3Error:
 
 
 def error_body(error: Sam3Error) -> ErrorResponse:
-    return ErrorResponse(error=ErrorDetail(code=error.code, message=str(error)))
+    return ErrorResponse(error=ErrorDetail(code=error.code, message=error.message, request_id=error.request_id))

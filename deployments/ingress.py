@@ -8,6 +8,7 @@ postprocessor) and awaits only the last, so images and masks go replica to repli
 
 import asyncio
 import hmac
+import logging
 import os
 import time
 from pathlib import Path
@@ -40,6 +41,9 @@ from client.protocol import (
 )
 from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
+from deployments.metrics import UNKNOWN, IngressMetrics
+
+logger = logging.getLogger("ray.serve")
 
 app = FastAPI(
     title="SAM 3 segmentation",
@@ -53,6 +57,7 @@ ERROR_RESPONSES = {
         400: "Malformed request (unknown fields, bad JSON, undecodable image)",
         401: "Missing or wrong API key (when the service has one)",
         413: "Body over the size limit, or image over the pixel limit",
+        404: "A model_id the service does not serve (`model_not_found`)",
         415: "Body is not application/json",
         422: "Invalid prompt",
         500: "Internal error",
@@ -69,6 +74,12 @@ def error_response(error: Sam3Error, retry_after_s: int | None = None) -> JSONRe
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(error).model_dump(), status_code=error.http_status, headers=headers)
+
+
+def current_request_id() -> str:
+    """Serve's id of the request being handled: the caller's `X-Request-Id` over HTTP, else one Serve made
+    (a handle caller sees it as `DeploymentResponse.request_id`); the proxy returns it as `X-Request-Id`."""
+    return serve.context._get_serve_request_context().request_id
 
 
 def server_timing(response: SegmentResponse) -> str:
@@ -141,21 +152,41 @@ class Sam3Ingress:
         self.preprocessor = preprocessor
         self.model_pool = model_pool
         self.postprocessor = postprocessor
+        self.args = args
         self.api_key = load_api_key(args)
         self.max_body_bytes = args.max_body_bytes
         self.retry_after_s = args.retry_after_s
+        self.metrics = IngressMetrics()
 
     async def segment(self, request: SegmentRequest) -> SegmentResponse:
         """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s.
 
-        The caller's `timeout_s` becomes a deadline that travels with the request: the model pool drops
+        Every answer is counted here, and every failure is logged with the request's id, which the error
+        carries back to the caller (handle callers get the exception itself, HTTP callers its JSON body).
+        """
+        model_tag = request.model_id or self.args.default_model
+        model_tag = model_tag if model_tag in self.args.models else UNKNOWN  # never a new series per unknown id
+        try:
+            response = await self._segment(request)
+        except Sam3Error as error:
+            self.record_failure(error, model_tag, request.prompt_type)
+            raise
+        self.metrics.observe_answer(model_tag, response)
+        return response
+
+    async def _segment(self, request: SegmentRequest) -> SegmentResponse:
+        """The caller's `timeout_s` becomes a deadline that travels with the request: the model pool drops
         work still queued past it, and here the whole chain is cancelled when it runs out or when the
         caller goes away (a closed HTTP connection cancels this coroutine).
+
+        The request's model id picks the preprocessor's tokenizer and geometry and, through Serve's model
+        multiplexing, a model replica that holds that checkpoint.
         """
         started = time.perf_counter()
+        model_id = self.args.model_id_for(request.model_id)
         deadline = time.time() + request.timeout_s if request.timeout_s else None
-        prepared = self.preprocessor.prepare.remote(request, deadline)
-        result = self.model_pool.run.remote(prepared)
+        prepared = self.preprocessor.prepare.remote(request, model_id, deadline)
+        result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepared)
         final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
         try:
             response = await asyncio.wait_for(final, timeout=request.timeout_s)
@@ -169,6 +200,13 @@ class Sam3Ingress:
             raise as_sam3_error(error) from None
         total_ms = (time.perf_counter() - started) * 1000
         return response.model_copy(update={"timings_ms": {**response.timings_ms, "total": total_ms}})
+
+    def record_failure(self, error: Sam3Error, model_id: str, prompt_type: str) -> None:
+        """Count it, log it with the request id, and put that id on the error for the caller to quote."""
+        error.request_id = current_request_id()
+        self.metrics.observe_error(model_id, prompt_type, error.code)
+        level = logging.WARNING if error.http_status >= 500 else logging.INFO
+        logger.log(level, "request %s failed: %s %s: %s", error.request_id, error.http_status, error.code, error.message)
 
     @app.post(
         SEGMENT_PATH,
@@ -187,20 +225,27 @@ class Sam3Ingress:
         Parses the body itself: the image is base64 in JSON, which only `model_validate_json` decodes.
         """
         try:
-            if not is_authorized(http_request.headers.get("authorization"), self.api_key):
-                raise AuthenticationError("missing or wrong API key: send `Authorization: Bearer <key>`")
-            check_content_type(http_request)
-            body = await read_body(http_request, self.max_body_bytes)
-            try:
-                request = SegmentRequest.model_validate_json(body)
-            except ValidationError as error:
-                raise InvalidRequestError(validation_message(error)) from None
+            request = await self.read_request(http_request)
+        except Sam3Error as error:
+            self.record_failure(error, UNKNOWN, UNKNOWN)
+            return error_response(error, self.retry_after_s)
+        try:
             response = await self.segment(request)
         except Sam3Error as error:
             return error_response(error, self.retry_after_s)
         return Response(
             response.model_dump_json(), media_type="application/json", headers={"Server-Timing": server_timing(response)}
         )
+
+    async def read_request(self, http_request: Request) -> SegmentRequest:
+        if not is_authorized(http_request.headers.get("authorization"), self.api_key):
+            raise AuthenticationError("missing or wrong API key: send `Authorization: Bearer <key>`")
+        check_content_type(http_request)
+        body = await read_body(http_request, self.max_body_bytes)
+        try:
+            return SegmentRequest.model_validate_json(body)
+        except ValidationError as error:
+            raise InvalidRequestError(validation_message(error)) from None
 
     @app.get(HEALTH_PATH, response_model=HealthResponse)
     async def health(self) -> HealthResponse:

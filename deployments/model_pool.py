@@ -1,7 +1,9 @@
 """The SAM 3 model pool: GPU replicas that batch requests dynamically (`deployments.batcher`).
 
 One response per request (Triton style): a batch that fails is retried item by item, so one bad item
-fails alone. Batch limits come from `user_config` and change live through `reconfigure`.
+fails alone. Batch limits come from `user_config` and change live through `reconfigure`. Each replica
+holds up to `max_models_per_replica` checkpoints (Serve model multiplexing): requests for a model are
+routed to replicas that hold it, and each model batches on its own, so a batch never mixes models.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ray import serve
-from ray.serve.metrics import Histogram
 
 from client.errors import RequestTimeoutError
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
-from deployments.core.checkpoint import load_sam3, resolve_device
+from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
 from deployments.core.pipeline import prepare_item
 from deployments.core.runner import PreparedItem, RawOutput, Sam3Runner, run_isolating_failures
+from deployments.metrics import ModelPoolMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,6 +38,16 @@ class ModelResult:
     original_size: tuple[int, int]
     outputs: list[RawOutput]
     timings_ms: dict[str, float]
+
+
+@dataclass
+class LoadedModel:
+    """One checkpoint in a replica: its weights, its text-encoding cache, and its own batcher."""
+
+    model_id: str
+    models: Sam3Models
+    runner: Sam3Runner
+    batcher: ContinuousBatcher
 
 
 @serve.deployment(
@@ -53,26 +66,32 @@ class Sam3ModelPool:
     """
 
     def __init__(self, args: AppArgs):
+        self._args = args
         self._torch_threads = args.torch_threads
         self._model_threads: deque[ThreadPoolExecutor] = deque()
         self._model_thread_count = 0
-        first = self._new_model_thread()
-        self.models = first.submit(load_sam3, args.checkpoint, resolve_device(args.device), args.dtype).result()
-        self.runner = Sam3Runner(self.models, args.score_threshold, text_cache_size=args.text_cache_size)
+        self._batch_config = BatchConfig()
+        # Every model this replica holds, without keeping one alive once multiplexing has unloaded it.
+        self._held: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
         self.batch_sizes: Counter[int] = Counter()
-        self.batch_size_metric = Histogram(
-            "sam3_model_batch_size",
-            description="Requests per model batch.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64],
-        )
-        self.batcher = ContinuousBatcher(self._run_batch, max_batch_size=BatchConfig().max_batch_size)
-        first.submit(self._warm_up).result()
+        self.metrics = ModelPoolMetrics()
+        first = self._new_model_thread()
+        # The default model loads at start, so a replica is ready only once it can answer; multiplexing
+        # takes it over on its first request.
+        default = first.submit(self._load_on_model_thread, args.default_model).result()
         self._model_threads.append(first)
+        self._preloaded = {default.model_id: default}
+
+        async def load_model(model_id: str) -> LoadedModel:
+            return self._preloaded.pop(model_id, None) or await self._on_model_thread(self._load_on_model_thread, model_id)
+
+        # Wrapped here rather than decorated, so the bound comes from the application's args.
+        self._loaded_model = serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)(load_model)
         logger.info(
             "model pool: %s on %s, %s attention, %d torch threads",
-            self.models.dtype,
-            self.models.device,
-            self.models.detector.config._attn_implementation,
+            default.models.dtype,
+            default.models.device,
+            default.models.detector.config._attn_implementation,
             first.submit(torch.get_num_threads).result(),
         )
 
@@ -83,31 +102,69 @@ class Sam3ModelPool:
             executor.submit(torch.set_num_threads, self._torch_threads).result()
         return executor
 
-    def _warm_up(self) -> None:
-        """One forward pass of each head at start, so the first request does not pay for it."""
-        size = self.models.geometry.image_size
+    async def _on_model_thread(self, function, *args):
+        """`function(*args)` on an idle model thread; the most recently used goes first, so one batch at a
+        time always runs on the same thread. Threads never outnumber the work in flight."""
+        executor = self._model_threads.popleft() if self._model_threads else self._new_model_thread()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        finally:
+            self._model_threads.appendleft(executor)
+
+    def _load_on_model_thread(self, model_id: str) -> LoadedModel:
+        args = self._args
+        started = time.perf_counter()
+        models = load_sam3(args.models[model_id], resolve_device(args.device), args.dtype)
+        runner = Sam3Runner(models, args.score_threshold, text_cache_size=args.text_cache_size)
+        batcher = ContinuousBatcher(
+            lambda queued: self._run_batch(model_id, runner, queued), max_batch_size=self._batch_config.max_batch_size
+        )
+        self._configure(batcher)
+        self._warm_up(runner, models)
+        logger.info("model %s (%s) loaded in %.1f s", model_id, args.models[model_id], time.perf_counter() - started)
+        loaded = LoadedModel(model_id, models, runner, batcher)
+        self._held[model_id] = loaded
+        return loaded
+
+    @staticmethod
+    def _warm_up(runner: Sam3Runner, models: Sam3Models) -> None:
+        """One forward pass of each head at load, so the first request does not pay for it."""
+        size = models.geometry.image_size
         blank = np.zeros((size, size, 3), dtype=np.uint8)
-        common = {"tokenizer": self.models.tokenizer, "geometry": self.models.geometry}
-        self.runner.run([prepare_item(blank, text="warm up", **common), prepare_item(blank, points=[[1, 1]], labels=[1], **common)])
+        common = {"tokenizer": models.tokenizer, "geometry": models.geometry}
+        runner.run([prepare_item(blank, text="warm up", **common), prepare_item(blank, points=[[1, 1]], labels=[1], **common)])
+
+    def _configure(self, batcher: ContinuousBatcher) -> None:
+        config = self._batch_config
+        batcher.configure(config.max_batch_size, config.batch_wait_timeout_s, config.max_concurrent_batches)
 
     def reconfigure(self, user_config: dict) -> None:
-        config = BatchConfig.model_validate(user_config)
-        self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s, config.max_concurrent_batches)
-        logger.info("model pool batching: %s", config)
+        self._batch_config = BatchConfig.model_validate(user_config)
+        for loaded in self._loaded_models():
+            self._configure(loaded.batcher)
+        logger.info("model pool batching: %s", self._batch_config)
+
+    def _loaded_models(self) -> list[LoadedModel]:
+        return list(self._held.values())
 
     async def run(self, item: PreparedItem) -> ModelResult:
-        """One request in, one result or one error out, whatever else shared its batch."""
-        result = await self.batcher.submit((item, time.perf_counter()))
+        """One request in, one result or one error out, whatever else shared its batch.
+
+        The model is the request's multiplexed model id (the ingress sets it on the handle)."""
+        loaded = await self._loaded_model(serve.get_multiplexed_model_id() or self._args.default_model)
+        result = await loaded.batcher.submit((item, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
         return result
 
-    async def _run_batch(self, queued: list[tuple[PreparedItem, float]]) -> list[ModelResult | Exception]:
+    async def _run_batch(
+        self, model_id: str, runner: Sam3Runner, queued: list[tuple[PreparedItem, float]]
+    ) -> list[ModelResult | Exception]:
         """Items whose caller stopped waiting while they queued are answered with a timeout, not run."""
         started, now = time.perf_counter(), time.time()
         expired = [item.deadline is not None and item.deadline <= now for item, _ in queued]
         live = [item for (item, _), gone in zip(queued, expired) if not gone]
-        results = iter(await self._run_live(live) if live else [])
+        results = iter(await self._run_live(model_id, runner, live) if live else [])
         model_ms = (time.perf_counter() - started) * 1000
         answers = []
         for (item, enqueued), gone in zip(queued, expired):
@@ -120,28 +177,29 @@ class Sam3ModelPool:
             answers.append(result)
         return answers
 
-    async def _run_live(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
+    async def _run_live(self, model_id: str, runner: Sam3Runner, items: list[PreparedItem]) -> list[ModelResult | Exception]:
         self.batch_sizes[len(items)] += 1
-        self.batch_size_metric.observe(len(items))
-        # The batcher keeps at most `max_concurrent_batches` here, so threads never outnumber batches in flight;
-        # the most recently used thread goes first, so one batch at a time always runs on the same thread.
-        executor = self._model_threads.popleft() if self._model_threads else self._new_model_thread()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._run_items, items)
-        finally:
-            self._model_threads.appendleft(executor)
+        self.metrics.observe_batch(model_id, items)
+        return await self._on_model_thread(self._run_items, runner, items)
 
-    def _run_items(self, items: list[PreparedItem]) -> list[ModelResult | Exception]:
-        outputs = run_isolating_failures(self.runner, items, self.models.device)
+    @staticmethod
+    def _run_items(runner: Sam3Runner, items: list[PreparedItem]) -> list[ModelResult | Exception]:
+        outputs = run_isolating_failures(runner, items, runner.models.device)
         return [
             result if isinstance(result, Exception) else ModelResult(item.original_size, result, dict(item.timings_ms))
             for item, result in zip(items, outputs)
         ]
 
     def batch_size_counts(self) -> dict[int, int]:
-        """How many batches of each size this replica ran (for tests and operators)."""
+        """How many batches of each size this replica ran, over all its models (for tests and operators)."""
         return dict(self.batch_sizes)
 
     def stats(self) -> dict:
         """Cumulative batch sizes and busy seconds (time with a batch running), for benchmarks and operators."""
-        return {"batch_sizes": dict(self.batch_sizes), "busy_s": self.batcher.busy_s(), "queued": self.batcher.queued()}
+        loaded = self._loaded_models()
+        return {
+            "batch_sizes": dict(self.batch_sizes),
+            "busy_s": sum(model.batcher.busy_s() for model in loaded),
+            "queued": sum(model.batcher.queued() for model in loaded),
+            "models": sorted(model.model_id for model in loaded),
+        }

@@ -9,27 +9,29 @@ from ray import serve
 
 from client.protocol import SegmentRequest
 from deployments.config import AppArgs
-from deployments.core.checkpoint import load_geometry, load_tokenizer
+from deployments.core.checkpoint import ModelGeometry, load_geometry, load_tokenizer
 from deployments.core.pipeline import prepare_request
 from deployments.core.runner import PreparedItem
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class Sam3Preprocessor:
-    """Needs the checkpoint's tokenizer and config only, never its weights."""
+    """Needs each checkpoint's tokenizer and config only, never its weights, so it holds every model's."""
 
     def __init__(self, args: AppArgs):
-        self.tokenizer = load_tokenizer(args.checkpoint)
-        self.geometry = load_geometry(args.checkpoint)
+        self.tokenizers = {model_id: load_tokenizer(checkpoint) for model_id, checkpoint in args.models.items()}
+        self.geometries: dict[str, ModelGeometry] = {
+            model_id: load_geometry(checkpoint) for model_id, checkpoint in args.models.items()
+        }
         self.max_image_pixels = args.max_image_pixels
         self.max_prompt_items = args.max_prompt_items
 
-    def _prepare(self, request: SegmentRequest, deadline: float | None) -> PreparedItem:
+    def _prepare(self, request: SegmentRequest, model_id: str, deadline: float | None) -> PreparedItem:
         started = time.perf_counter()
         item = prepare_request(
             request,
-            tokenizer=self.tokenizer,
-            geometry=self.geometry,
+            tokenizer=self.tokenizers[model_id],
+            geometry=self.geometries[model_id],
             max_image_pixels=self.max_image_pixels,
             max_prompt_items=self.max_prompt_items,
             deadline=deadline,
@@ -37,6 +39,8 @@ class Sam3Preprocessor:
         item.timings_ms["preprocess"] = (time.perf_counter() - started) * 1000
         return item
 
-    async def prepare(self, request: SegmentRequest, deadline: float | None = None) -> PreparedItem:
-        """Decoding is CPU-bound: a worker thread keeps the replica's event loop free for new requests."""
-        return await asyncio.to_thread(self._prepare, request, deadline)
+    async def prepare(self, request: SegmentRequest, model_id: str, deadline: float | None = None) -> PreparedItem:
+        """Decoding is CPU-bound: a worker thread keeps the replica's event loop free for new requests.
+
+        `model_id` is the one the ingress resolved (a served one), whose tokenizer and geometry apply."""
+        return await asyncio.to_thread(self._prepare, request, model_id, deadline)

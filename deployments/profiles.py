@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from deployments.config import AppArgs
+
 CPU_ACTOR_CPUS = {"Sam3Ingress": 0.1, "Sam3Preprocessor": 0.2, "Sam3ModelPool": 0.5, "Sam3Postprocessor": 0.2}
 
 
@@ -30,7 +32,7 @@ def cpu_profile(config: dict, checkpoint: str | None = None) -> dict:
         application["args"]["dtype"] = "float32"
         application["args"]["torch_threads"] = os.cpu_count() or 1
         if checkpoint is not None:
-            application["args"]["checkpoint"] = checkpoint
+            set_default_checkpoint(application["args"], checkpoint)
         for deployment in application.get("deployments", []):
             options = deployment.setdefault("ray_actor_options", {})
             options.pop("num_gpus", None)
@@ -38,6 +40,12 @@ def cpu_profile(config: dict, checkpoint: str | None = None) -> dict:
             if "max_concurrent_batches" in deployment.get("user_config", {}):
                 deployment["user_config"]["max_concurrent_batches"] = 1
     return config
+
+
+def set_default_checkpoint(args: dict, checkpoint: str) -> None:
+    """Point the default model id of an application's `args` at `checkpoint` (a directory or hub name)."""
+    default_model = args.get("default_model", AppArgs.model_fields["default_model"].default)
+    args["models"] = {**args.get("models", {}), default_model: checkpoint}
 
 
 PROFILES = {"cpu": cpu_profile}
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("profile", choices=sorted(PROFILES))
     parser.add_argument("config", type=Path, help="the source serve_config.yaml")
     parser.add_argument("-o", "--output", type=Path, help="where to write the profile (default: stdout)")
-    parser.add_argument("--checkpoint", help="override args.checkpoint (a hub name or a directory)")
+    parser.add_argument("--checkpoint", help="the default model's checkpoint instead of the configured one (a hub name or a directory)")
     args = parser.parse_args(argv)
     derived = PROFILES[args.profile](yaml.safe_load(args.config.read_text()), checkpoint=args.checkpoint)
     text = yaml.safe_dump(derived, sort_keys=False)

@@ -34,6 +34,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FilenameProvider
 
 from deployments.config import AppArgs
+from deployments.profiles import set_default_checkpoint
 from pipelines.coco import categories_path, write_coco_results
 from pipelines.config import JobConfig, is_table
 from pipelines.engines import PipelineSegmenter, ServiceSegmenter
@@ -213,8 +214,12 @@ def app_args(config: JobConfig) -> AppArgs:
     matching = [application for application in applications if application["name"] == config.app_name]
     if not matching:
         raise SystemExit(f"{config.config} has no application {config.app_name!r}")
-    overrides = {name: value for name, value in (("checkpoint", config.checkpoint), ("device", config.device)) if value}
-    return AppArgs(**{**matching[0].get("args", {}), **overrides})
+    args = dict(matching[0].get("args", {}))
+    if config.checkpoint:
+        set_default_checkpoint(args, config.checkpoint)
+    if config.device:
+        args["device"] = config.device
+    return AppArgs(**args)
 
 
 def _check_application(app_name: str) -> None:

@@ -18,6 +18,7 @@ from ray import serve
 from client import Sam3HttpClient
 from client.errors import Sam3Error
 from deployments.core.tiny_checkpoint import build_tiny_checkpoint
+from deployments.profiles import set_default_checkpoint
 from tests.conftest import random_image
 from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run
 from tests.serve.load import LoadGenerator
@@ -124,7 +125,7 @@ def test_live_redeploys_lose_no_request(app, ray_address, tmp_path):
             serve_run(config, path, ray_address)
             answered_after_batch_change = load.answered
             new_checkpoint = build_tiny_checkpoint(tmp_path / "tiny-seed-1", image_size=112, seed=1)
-            config["applications"][0]["args"]["checkpoint"] = str(new_checkpoint)
+            set_default_checkpoint(config["applications"][0]["args"], str(new_checkpoint))
             serve_run(config, path, ray_address)
             wait_until_recovered()
             time.sleep(3)

@@ -155,3 +155,20 @@ def test_wrong_result_count_is_an_error_for_every_caller_not_a_hang():
         assert all(isinstance(result, RuntimeError) for result in results)
 
     run(scenario())
+
+
+def test_an_idle_batcher_holds_no_task_and_wakes_for_new_work():
+    """Nothing keeps an idle batcher (and the model its batches call) alive: multiplexing can unload it."""
+
+    async def scenario():
+        model = GatedModel()
+        batcher = ContinuousBatcher(model, max_batch_size=4)
+        first = asyncio.ensure_future(batcher.submit(1))
+        await settle()
+        model.gate.set()
+        assert await first == "result 1"
+        await settle()
+        assert batcher._dispatcher.done(), "the dispatcher ends once nothing is queued or running"
+        assert await batcher.submit(2) == "result 2"
+
+    asyncio.run(scenario())

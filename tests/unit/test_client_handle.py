@@ -60,6 +60,11 @@ class FakeHandle:
         self.requests.append(request)
         return self
 
+    @property
+    def request_id(self) -> str:
+        """Serve's id of the latest call (`DeploymentResponse.request_id`)."""
+        return f"call-{len(self.requests)}"
+
     def result(self, *, timeout_s: float | None) -> SegmentResponse:
         self.timeouts.append(timeout_s)
         if self.failures:
@@ -154,7 +159,7 @@ def test_per_call_timeout_overrides_the_default(lookups, handle):
         ({"text": "cat", "boxes": [[0, 0, 1, 1]], "labels": [1]}, InvalidPromptError),
         ({"points": [[1, 2]], "prompts": [[1, 2]], "labels": [1]}, InvalidPromptError),
         ({"points": [[1, 2]], "labels": [1, 0]}, InvalidPromptError),
-        ({"text": "cat", "model_id": "sam2"}, InvalidRequestError),
+        ({"text": "cat", "model_id": ""}, InvalidRequestError),
         ({"image_input": np.zeros((3, 5), np.int16), "text": "cat"}, InvalidImageError),
     ],
 )
@@ -280,3 +285,11 @@ def test_lookup_failures_become_typed_errors_and_are_retried(monkeypatch, handle
     monkeypatch.setattr(handle_client, "_get_app_handle", lambda app_name: handle)
     client.run(IMAGE, text="cat")
     assert len(handle.requests) == 1
+
+
+def test_a_failed_call_carries_serves_request_id(client, handle):
+    handle.outcome = RayTaskError(function_name="segment", traceback_str="", cause=InvalidPromptError("bad"))
+    with pytest.raises(InvalidPromptError) as raised:
+        client.run(IMAGE, text="cat")
+    assert raised.value.request_id == handle.request_id == "call-1"
+    assert "call-1" in str(raised.value)

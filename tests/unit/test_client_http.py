@@ -18,6 +18,7 @@ from client.errors import (
     InvalidImageError,
     InvalidPromptError,
     InvalidRequestError,
+    ModelNotFoundError,
     NotFoundError,
     RequestTimeoutError,
     Sam3Error,
@@ -563,9 +564,10 @@ def test_non_positive_timeouts_are_refused(client, service, image_file, timeout)
     assert service.requests == []
 
 
-def test_unsupported_model_ids_are_refused(client, service, image_file):
-    with pytest.raises(InvalidRequestError, match="'sam2'.*'sam3'"):
-        client.run_with_detections(image_file, text="cat", model_id="sam2")
+@pytest.mark.parametrize("model_id", ["", "m" * 129, 3])
+def test_malformed_model_ids_are_refused_before_sending(client, service, image_file, model_id):
+    with pytest.raises(InvalidRequestError, match="invalid model_id"):
+        client.run_with_detections(image_file, text="cat", model_id=model_id)
     assert service.requests == []
 
 
@@ -585,3 +587,44 @@ def test_several_texts_box_sets_and_a_threshold_travel_as_given(client, service,
         ([[0, 0, 3, 4]], [1]),
         ([[1, 1, 2, 2]], [0]),
     ]
+
+
+# Request ids and model ids
+
+
+def test_each_attempt_sends_its_own_request_id_and_the_error_carries_the_one_answered(client, service, clock, image_file):
+    service.segment = lambda request: httpx.Response(
+        503, content=error_body("unavailable", "busy"), headers={"x-request-id": request.headers["x-request-id"]}
+    )
+    with pytest.raises(ServiceUnavailableError) as raised:
+        client.run(image_file, text="cat")
+    sent = [request.headers["x-request-id"] for request in service.api_requests]
+    assert len(sent) == 4 and len(set(sent)) == 4, "one id per attempt (1 call + 3 retries)"
+    assert raised.value.request_id == sent[-1]
+    assert sent[-1] in str(raised.value), "the message names the id, so a user can quote it"
+
+
+def test_an_id_a_proxy_replaced_is_the_one_reported(client, service, image_file):
+    service.segment = lambda _: httpx.Response(400, content=error_body("invalid_image", "bad"), headers={"x-request-id": "proxy-42"})
+    with pytest.raises(InvalidImageError) as raised:
+        client.run(image_file, text="cat")
+    assert raised.value.request_id == "proxy-42"
+
+
+def test_a_transport_failure_carries_the_id_that_was_sent(client, service, image_file):
+    def fail(_: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("read timed out")
+
+    service.segment = fail
+    with pytest.raises(RequestTimeoutError) as raised:
+        client.run(image_file, text="cat")
+    assert raised.value.request_id == service.api_requests[-1].headers["x-request-id"]
+
+
+def test_the_model_id_travels_and_an_unknown_one_is_a_typed_404(client, service, image_file):
+    service.segment = lambda _: httpx.Response(404, content=error_body("model_not_found", "no model 'sam2'"))
+    with pytest.raises(ModelNotFoundError) as raised:
+        client.run(image_file, text="cat", model_id="sam2")
+    assert isinstance(raised.value, NotFoundError) and raised.value.http_status == 404
+    assert service.sent().model_id == "sam2"
+    assert len(service.api_requests) == 1, "a 404 is not retried"

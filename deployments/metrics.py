@@ -1,0 +1,96 @@
+"""The service's metrics, through `ray.serve.metrics`.
+
+Serve adds its own tags (application, deployment, replica) to each, and Ray exports them on every node's
+Prometheus endpoint with a `ray_` prefix (counters also get `_total`): `ray_sam3_requests_total`, ...
+The tags here are bounded sets (model ids from the configuration, prompt types, error codes, stages), so
+no request can create a new time series.
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+from client.protocol import SegmentResponse
+from deployments.core.runner import PreparedItem
+
+# Time per stage, from the timings each stage adds to the response (`SegmentResponse.timings_ms`).
+STAGES = ("preprocess", "queue", "model", "postprocess", "total")
+UNKNOWN = "unknown"  # the tag of a request that failed before its model or prompt type was known
+
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 120000]
+COUNT_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+PIXEL_BOUNDARIES = [1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8]
+
+
+def stage_latencies(timings_ms: dict[str, float]) -> dict[str, float]:
+    """The stages a dashboard plots, from a response's timings (a stage that did not run is absent)."""
+    return {stage: timings_ms[stage] for stage in STAGES if stage in timings_ms}
+
+
+class IngressMetrics:
+    """What every request did: counted once, in the ingress that answers it (HTTP and handle callers alike)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "sam3_requests",
+            description="Requests answered, successful or not, by model and prompt type.",
+            tag_keys=("model_id", "prompt_type"),
+        )
+        self.errors = Counter(
+            "sam3_request_errors",
+            description="Requests answered with an error, by model, prompt type and error code.",
+            tag_keys=("model_id", "prompt_type", "error_code"),
+        )
+        self.stage_latency = Histogram(
+            "sam3_stage_latency_ms",
+            description="Milliseconds per stage: preprocess, queue (waiting for a batch), model, postprocess, total.",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("model_id", "stage"),
+        )
+        self.instances = Histogram(
+            "sam3_instances_per_answer",
+            description="Instances (masks) in each successful answer.",
+            boundaries=COUNT_BOUNDARIES,
+            tag_keys=("model_id", "prompt_type"),
+        )
+        self.image_pixels = Histogram(
+            "sam3_image_pixels",
+            description="Pixels (height x width) of each image answered.",
+            boundaries=PIXEL_BOUNDARIES,
+            tag_keys=("model_id",),
+        )
+
+    def observe_answer(self, model_id: str, response: SegmentResponse) -> None:
+        tags = {"model_id": model_id, "prompt_type": response.prompt_type}
+        self.requests.inc(tags=tags)
+        self.instances.observe(len(response.scores), tags=tags)
+        self.image_pixels.observe(response.height * response.width, tags={"model_id": model_id})
+        for stage, milliseconds in stage_latencies(response.timings_ms).items():
+            self.stage_latency.observe(milliseconds, tags={"model_id": model_id, "stage": stage})
+
+    def observe_error(self, model_id: str, prompt_type: str, error_code: str) -> None:
+        self.requests.inc(tags={"model_id": model_id, "prompt_type": prompt_type})
+        self.errors.inc(tags={"model_id": model_id, "prompt_type": prompt_type, "error_code": error_code})
+
+
+class ModelPoolMetrics:
+    """How full the model's batches are: requests per batch, and prompts (texts, box sets, point sets) per batch."""
+
+    def __init__(self) -> None:
+        self.batch_size = Histogram(
+            "sam3_model_batch_size",
+            description="Requests per model batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("model_id",),
+        )
+        self.batch_prompts = Histogram(
+            "sam3_model_batch_prompts",
+            description="Prompts per model batch (a request with several texts or box sets counts each).",
+            boundaries=COUNT_BOUNDARIES,
+            tag_keys=("model_id",),
+        )
+
+    def observe_batch(self, model_id: str, items: list[PreparedItem]) -> None:
+        tags = {"model_id": model_id}
+        self.batch_size.observe(len(items), tags=tags)
+        self.batch_prompts.observe(sum(len(item.prompts) for item in items), tags=tags)

@@ -1,0 +1,222 @@
+"""Operating the application: several checkpoints by `model_id`, request ids, and the metrics it exports.
+
+One application serves two tiny checkpoints of different resolutions (112 as `sam3`, the default, and 56
+as `small`), with room for one model per replica, so alternating requests also unload and reload them.
+The tiny checkpoints' masks are meaningless (random weights): only agreement with the in-process
+pipeline on the same checkpoint matters.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from ray import serve
+
+from client import ModelNotFoundError, Sam3HandleClient, Sam3HttpClient, SegmentRequest
+from client.errors import InvalidPromptError, Sam3Error
+from client.images import encode_image
+from deployments.core.checkpoint import load_sam3
+from deployments.core.pipeline import Sam3Pipeline
+from tests.conftest import random_image, tiny_checkpoint_dir
+from tests.serve.app_runner import APP_NAME, cpu_config, serve_run
+
+IMAGE = random_image(90, 130, seed=11)
+PROMPTS = [
+    {"text": "a red car"},
+    {"boxes": [[10, 12, 70, 60]], "labels": [1]},
+    {"points": [[50, 40]], "labels": [1]},
+]
+
+
+@lru_cache(maxsize=2)
+def in_process(checkpoint: str) -> Sam3Pipeline:
+    return Sam3Pipeline(load_sam3(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def checkpoints() -> dict[str, str]:
+    return {"sam3": str(tiny_checkpoint_dir(112)), "small": str(tiny_checkpoint_dir(56))}
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_address, serve_port, checkpoints, tmp_path_factory):
+    config = cpu_config(checkpoints["sam3"], serve_port)
+    args = config["applications"][0]["args"]
+    args.update(models=checkpoints, default_model="sam3", max_models_per_replica=1)
+    yield serve_run(config, tmp_path_factory.mktemp("serve") / "config.yaml", ray_address)
+    serve.delete(APP_NAME)
+
+
+@pytest.fixture(scope="module")
+def clients(app_url):
+    with Sam3HttpClient(app_url, timeout=120) as http_client:
+        yield {"http": http_client, "handle": Sam3HandleClient(APP_NAME, timeout=120)}
+
+
+def expected_answer(checkpoint: str, prompt: dict) -> dict:
+    request = SegmentRequest(image=encode_image(IMAGE, timeout=None), **prompt)
+    (response,) = in_process(checkpoint).answer([request])
+    return response
+
+
+def assert_same_answer(result: dict, expected) -> None:
+    from client.rle import decode_mask
+
+    np.testing.assert_array_equal(result["union_mask"], decode_mask(expected.union_mask))
+    np.testing.assert_allclose(result["scores"], expected.scores, rtol=0, atol=1e-5)  # batched vs alone
+    assert len(result["masks"]) == len(expected.masks)
+    for mask, expected_mask in zip(result["masks"], expected.masks):
+        np.testing.assert_array_equal(mask, decode_mask(expected_mask))
+
+
+# Several checkpoints by model_id
+
+
+def test_each_model_id_answers_with_its_own_checkpoint(clients, checkpoints):
+    """Interleaved and concurrent requests for both models: each answer is its own checkpoint's, so no
+    batch mixed the two (their resolutions differ) and unloading one never broke a request for it."""
+    jobs = [(model_id, prompt) for _ in range(3) for model_id in ("sam3", "small") for prompt in PROMPTS]
+
+    def call(job):
+        model_id, prompt = job
+        client = clients["http"] if hash(str(job)) % 2 else clients["handle"]
+        return client.run_with_detections(IMAGE, model_id=model_id, **prompt)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(call, jobs))
+    for (model_id, prompt), result in zip(jobs, results):
+        assert_same_answer(result, expected_answer(checkpoints[model_id], prompt))
+    small = expected_answer(checkpoints["small"], PROMPTS[0])
+    default = expected_answer(checkpoints["sam3"], PROMPTS[0])
+    assert small.union_mask != default.union_mask, "the two checkpoints must answer differently for this test to mean anything"
+    for client in clients.values():
+        assert_same_answer(client.run_with_detections(IMAGE, **PROMPTS[0]), default)
+
+
+def test_the_model_pool_holds_at_most_its_bound(clients):
+    clients["http"].run(IMAGE, model_id="small", text="a red car")
+    stats = serve.get_deployment_handle("Sam3ModelPool", app_name=APP_NAME).stats.remote().result(timeout_s=60)
+    assert stats["models"] == ["small"], "max_models_per_replica=1: loading `small` unloaded `sam3`"
+
+
+@pytest.mark.parametrize("kind", ["http", "handle"])
+def test_an_unknown_model_id_is_a_typed_404(clients, kind):
+    with pytest.raises(ModelNotFoundError, match="no model 'sam2'") as raised:
+        clients[kind].run(IMAGE, model_id="sam2", text="a red car")
+    assert raised.value.http_status == 404 and raised.value.code == "model_not_found"
+    assert raised.value.request_id
+
+
+def test_the_raw_http_answer_for_an_unknown_model(app_url):
+    body = SegmentRequest(image=encode_image(IMAGE, timeout=None), text="cat", model_id="sam2").model_dump_json()
+    answer = httpx.post(app_url + "/v1/segment", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 404
+    error = answer.json()["error"]
+    assert error["code"] == "model_not_found" and "'sam3', 'small'" in error["message"]
+    assert error["request_id"] == answer.headers["x-request-id"]
+
+
+# Request ids
+
+
+def ingress_log_text() -> str:
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    return "\n".join(path.read_text(errors="replace") for path in (session / "logs" / "serve").glob("*Sam3Ingress*"))
+
+
+def wait_for_log_line(pattern: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(pattern, ingress_log_text())
+        if found:
+            return found.group(0)
+        time.sleep(0.5)
+    raise AssertionError(f"no ingress log line matches {pattern!r}")
+
+
+def test_every_answer_carries_a_request_id(app_url):
+    body = SegmentRequest(image=encode_image(IMAGE, timeout=None), text="cat").model_dump_json()
+    headers = {"content-type": "application/json"}
+    ok = httpx.post(app_url + "/v1/segment", content=body, headers=headers)
+    assert ok.status_code == 200 and ok.headers["x-request-id"]
+    own = httpx.post(app_url + "/v1/segment", content=body, headers={**headers, "x-request-id": "caller-chose-this"})
+    assert own.status_code == 200 and own.headers["x-request-id"] == "caller-chose-this"
+    for answer in (
+        httpx.post(app_url + "/v1/segment", content=b"{", headers=headers),
+        httpx.post(app_url + "/v1/segment", content=body, headers={"content-type": "text/plain"}),
+        httpx.get(app_url + "/no/such/route"),
+        httpx.get(app_url + "/v1/health"),
+    ):
+        assert answer.headers["x-request-id"], f"{answer.request.url} {answer.status_code}"
+    bad = httpx.post(app_url + "/v1/segment", content=b"{", headers={**headers, "x-request-id": "bad-json-1"})
+    assert bad.status_code == 400 and bad.json()["error"]["request_id"] == "bad-json-1"
+
+
+@pytest.mark.parametrize("kind", ["http", "handle"])
+def test_a_failed_request_is_logged_under_the_id_its_exception_carries(clients, kind):
+    with pytest.raises(InvalidPromptError) as raised:
+        clients[kind].run(IMAGE, boxes=[[50, 50, 10, 10]], labels=[1])
+    request_id = raised.value.request_id
+    assert request_id and request_id in str(raised.value)
+    line = wait_for_log_line(rf"request {re.escape(request_id)} failed: 422 invalid_prompt[^\n]*")
+    assert "x0 < x1" in line or "box" in line
+
+
+# Metrics
+
+
+def scrape() -> str:
+    port = ray.nodes()[0]["MetricsExportPort"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def series(text: str, name: str, **tags: str) -> list[str]:
+    """Lines of metric `name` whose tags include `tags` (Serve adds application, deployment and replica)."""
+    lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+    return [line for line in lines if all(f'{key}="{value}"' in line for key, value in tags.items())]
+
+
+def test_the_metrics_endpoint_has_each_metric_with_its_tags(clients):
+    for prompt in PROMPTS:
+        clients["http"].run(IMAGE, **prompt)
+    with pytest.raises(Sam3Error):
+        clients["http"].run(IMAGE, model_id="sam2", text="cat")
+    with pytest.raises(InvalidPromptError):
+        clients["handle"].run(IMAGE, boxes=[[50, 50, 10, 10]], labels=[1])
+
+    wanted = {
+        "ray_sam3_requests_total": [{"model_id": "sam3", "prompt_type": kind} for kind in ("text", "boxes", "points")],
+        "ray_sam3_request_errors_total": [
+            {"model_id": "unknown", "prompt_type": "text", "error_code": "model_not_found"},
+            {"model_id": "sam3", "prompt_type": "boxes", "error_code": "invalid_prompt"},
+        ],
+        "ray_sam3_stage_latency_ms_bucket": [
+            {"model_id": "sam3", "stage": stage} for stage in ("preprocess", "queue", "model", "postprocess", "total")
+        ],
+        "ray_sam3_instances_per_answer_bucket": [{"model_id": "sam3", "prompt_type": "text"}],
+        "ray_sam3_image_pixels_bucket": [{"model_id": "sam3"}],
+        "ray_sam3_model_batch_size_bucket": [{"model_id": "sam3", "deployment": "Sam3ModelPool"}],
+        "ray_sam3_model_batch_prompts_bucket": [{"model_id": "sam3", "deployment": "Sam3ModelPool"}],
+    }
+    deadline, missing = time.monotonic() + 90, wanted
+    while missing and time.monotonic() < deadline:
+        text = scrape()
+        missing = {
+            name: [tags for tags in tag_sets if not series(text, name, application=APP_NAME, **tags)]
+            for name, tag_sets in wanted.items()
+        }
+        missing = {name: tag_sets for name, tag_sets in missing.items() if tag_sets}
+        time.sleep(2)
+    assert not missing, f"not exported within 90 s: {missing}"
+    (errors,) = series(text, "ray_sam3_request_errors_total", error_code="model_not_found")
+    assert float(errors.rsplit(" ", 1)[1]) >= 1
