@@ -108,7 +108,7 @@ def run(out: Path, checkpoint: str | None, port: int) -> None:
         print(
             "NOTE: this is the tiny checkpoint with RANDOM weights: its masks, boxes and scores are meaningless.\n"
             "      It shows that the service runs end to end, not what SAM 3 sees. For real weights, run\n"
-            "      `bash deployments/demo.sh --checkpoint /path/to/sam3` (or set `args.checkpoint` in "
+            "      `bash deployments/demo.sh --checkpoint /path/to/sam3` (or set `args.models` in "
             f"{SERVE_CONFIG.name})."
         )
     config_path = out / "serve_config.cpu.yaml"

@@ -23,7 +23,7 @@ class JobConfig(BaseModel):
     coco_json: Path | None = Field(None, description="Also write a COCO results file here.")
     app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
     config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
-    checkpoint: str | None = Field(None, description="--via actors: overrides the config's checkpoint.")
+    checkpoint: str | None = Field(None, description="--via actors: the checkpoint instead of the config's default model's.")
     device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
     workers: int = Field(2, ge=1, description="service: caller actors; actors: most model actors (one per GPU).")
     max_in_flight: int = Field(8, ge=1, description="service: requests each caller keeps in flight.")
