@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 API_VERSION = "v1"
 SEGMENT_PATH = f"/{API_VERSION}/segment"
 HEALTH_PATH = f"/{API_VERSION}/health"
+INFO_PATH = f"/{API_VERSION}/info"
 
 PromptType = Literal["text", "points", "boxes"]
 
@@ -106,3 +107,18 @@ class ErrorResponse(WireModel):
 class HealthResponse(WireModel):
     status: Literal["ok"] = "ok"
     api_version: Literal["v1"] = API_VERSION
+
+
+class InfoResponse(WireModel):
+    """What a caller needs before its first request (the playground page reads it); never touches the model."""
+
+    api_version: Literal["v1"] = API_VERSION
+    checkpoint: str = Field(description="The checkpoint's hub name, or its directory's name.")
+    random_weights: bool = Field(
+        description="True for the project's tiny test checkpoint: random weights, so its masks mean nothing."
+    )
+    api_key_required: bool = Field(description="Whether /v1/segment needs `Authorization: Bearer <key>`.")
+    score_threshold: float = Field(description="Concept instances are kept above it unless a request sets its own.")
+    max_image_pixels: int = Field(description="Larger images are refused (413 image_too_large).")
+    max_prompt_items: int = Field(description="Most points or boxes in one prompt, and most texts or box sets.")
+    max_body_bytes: int = Field(description="Larger request bodies are refused (413 request_too_large).")
