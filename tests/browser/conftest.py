@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,13 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, app_url) -> Page:  # noqa: F811
+def page(browser, app_url) -> Iterator[Page]:  # noqa: F811
     """A fresh page; it fails the test on a JavaScript error or on any request beyond the application."""
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     outside: list[str] = []
 
     def only_the_application(route):
-        if route.request.url.startswith(app_url):
+        if route.request.url.startswith(app_url + "/"):
             route.continue_()
         else:
             outside.append(route.request.url)

@@ -8,8 +8,8 @@
   const INFO_URL = "v1/info";
   // Other instances are drawn in this grey while one is highlighted.
   const DIM_RGB = [120, 120, 120];
-  const POSITIVE_RGB = "#18a058";
-  const NEGATIVE_RGB = "#d64545";
+  const POSITIVE_COLOUR = "#18a058";
+  const NEGATIVE_COLOUR = "#d64545";
   const MIN_BOX_SIDE = 2;
 
   const ERROR_TITLES = {
@@ -276,7 +276,6 @@
       : "Click points on the object; right-click (or tick negative) for a point that is not on it.";
     elements.negativeLabel.textContent = kind === "boxes" ? "negative exemplar" : "negative point";
     renderPrompts();
-    updateSegmentButton();
   }
 
   function renderPrompts() {
@@ -294,7 +293,6 @@
       remove.addEventListener("click", () => {
         items.splice(index, 1);
         renderPrompts();
-        updateSegmentButton();
       });
       row.append(text, remove);
       return row;
@@ -305,7 +303,6 @@
   function addPrompt(list, coordinates, negative) {
     list.push({ coordinates, label: negative ? 0 : 1 });
     renderPrompts();
-    updateSegmentButton();
   }
 
   function updateSegmentButton() {
@@ -333,7 +330,7 @@
       context.lineWidth = 2 * scale;
       for (const box of boxes) {
         const [x0, y0, x1, y1] = box.coordinates;
-        context.strokeStyle = box.label ? POSITIVE_RGB : NEGATIVE_RGB;
+        context.strokeStyle = box.label ? POSITIVE_COLOUR : NEGATIVE_COLOUR;
         context.strokeRect(x0, y0, x1 - x0, y1 - y0);
       }
       context.setLineDash([]);
@@ -343,7 +340,7 @@
         const [x, y] = point.coordinates;
         context.beginPath();
         context.arc(x, y, 6 * scale, 0, 2 * Math.PI);
-        context.fillStyle = point.label ? POSITIVE_RGB : NEGATIVE_RGB;
+        context.fillStyle = point.label ? POSITIVE_COLOUR : NEGATIVE_COLOUR;
         context.fill();
         context.lineWidth = 2 * scale;
         context.strokeStyle = "#fff";
