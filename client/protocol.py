@@ -15,6 +15,7 @@ SEGMENT_PATH = f"/{API_VERSION}/segment"
 HEALTH_PATH = f"/{API_VERSION}/health"
 # Every answer carries it (the caller's own id if it sent one), and the server logs failures under it.
 REQUEST_ID_HEADER = "x-request-id"
+INFO_PATH = f"/{API_VERSION}/info"
 
 PromptType = Literal["text", "points", "boxes"]
 
@@ -115,3 +116,18 @@ class ErrorResponse(WireModel):
 class HealthResponse(WireModel):
     status: Literal["ok"] = "ok"
     api_version: Literal["v1"] = API_VERSION
+
+
+class InfoResponse(WireModel):
+    """What a caller needs before its first request (the playground page reads it); never touches the model."""
+
+    api_version: Literal["v1"] = API_VERSION
+    checkpoint: str = Field(description="The checkpoint's hub name, or its directory's name.")
+    random_weights: bool = Field(
+        description="True for the project's tiny test checkpoint: random weights, so its masks mean nothing."
+    )
+    api_key_required: bool = Field(description="Whether /v1/segment needs `Authorization: Bearer <key>`.")
+    score_threshold: float = Field(description="Concept instances are kept above it unless a request sets its own.")
+    max_image_pixels: int = Field(description="Larger images are refused (413 image_too_large).")
+    max_prompt_items: int = Field(description="Most points or boxes in one prompt, and most texts or box sets.")
+    max_body_bytes: int = Field(description="Larger request bodies are refused (413 request_too_large).")

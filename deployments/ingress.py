@@ -33,9 +33,11 @@ from client.errors import (
 from client.protocol import (
     API_VERSION,
     HEALTH_PATH,
+    INFO_PATH,
     SEGMENT_PATH,
     ErrorResponse,
     HealthResponse,
+    InfoResponse,
     SegmentRequest,
     SegmentResponse,
 )
@@ -44,12 +46,17 @@ from deployments.errors import as_sam3_error, error_body
 from deployments.metrics import UNKNOWN, IngressMetrics
 
 logger = logging.getLogger("ray.serve")
+from deployments.web import add_pages, service_info
 
 app = FastAPI(
     title="SAM 3 segmentation",
     version=API_VERSION,
     description="Segment Anything Model 3 on Ray Serve: text, box-exemplar and point prompts.",
+    # `add_pages` serves /docs from local assets instead: FastAPI's own pages load theirs from a CDN.
+    docs_url=None,
+    redoc_url=None,
 )
+add_pages(app)
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
@@ -157,6 +164,7 @@ class Sam3Ingress:
         self.max_body_bytes = args.max_body_bytes
         self.retry_after_s = args.retry_after_s
         self.metrics = IngressMetrics()
+        self.service_info = service_info(args, api_key_required=self.api_key is not None)
 
     async def segment(self, request: SegmentRequest) -> SegmentResponse:
         """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s.
@@ -251,3 +259,8 @@ class Sam3Ingress:
     async def health(self) -> HealthResponse:
         """Cheap by design: answers without touching the model."""
         return HealthResponse()
+
+    @app.get(INFO_PATH, response_model=InfoResponse)
+    async def info(self) -> InfoResponse:
+        """Open like health, and as cheap: what the playground page needs before its first request."""
+        return self.service_info

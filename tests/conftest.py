@@ -65,3 +65,11 @@ def ray_address():
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Serve's HTTP proxy keeps the port it started with for the whole Ray session: one for every test layer."""
+    from deployments.launch import free_port
+
+    return free_port()

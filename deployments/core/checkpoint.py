@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from client.errors import Sam3Error
-from deployments.core.tiny_checkpoint import TINY_MARKER_FILE
+from deployments.core.checkpoint_marker import is_tiny_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,6 @@ def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> S
         device=target,
         dtype=torch_dtype,
     )
-
-
-def is_tiny_checkpoint(checkpoint: str) -> bool:
-    """Whether `checkpoint` is the project's tiny random-weight test checkpoint (masks meaningless)."""
-    return (Path(checkpoint) / TINY_MARKER_FILE).is_file()
 
 
 def _from_pretrained(cls, checkpoint: str, **kwargs):

@@ -37,6 +37,8 @@ from transformers import (
     Sam3VideoModel,
 )
 
+from deployments.core.checkpoint_marker import TINY_MARKER_FILE
+
 PATCH_SIZE = 14
 CLIP_VOCAB_SIZE = 49408
 TEXT_MAX_TOKENS = 32
@@ -53,8 +55,6 @@ QUERY_PROJ_GAIN_X_WIDTH = 12800.0
 CONCEPT_MASK_GAIN = 10000.0
 TRACKER_IOU_BIAS = (0.0, -1.0, 1.0, 0.0)
 TRACKER_MASK_GAIN = 20000.0
-# Its presence marks a random-weight checkpoint, so that whatever loads one can say its masks are meaningless.
-TINY_MARKER_FILE = "TINY_CHECKPOINT_README.txt"
 
 
 def _grid(image_size: int) -> int:

@@ -1,15 +1,14 @@
-"""Serve's HTTP proxy keeps the port it started with for the whole Ray session: one port for all tests."""
+"""The real application, one per test module, and both clients on it (the browser tests use them too).
+
+Serve's HTTP proxy keeps the port it started with for the whole Ray session, so `serve_port` is one
+session fixture in tests/conftest.py, shared by every layer that starts the application.
+"""
 
 import pytest
 from ray import serve
 
 from client import Sam3HandleClient, Sam3HttpClient
-from tests.serve.app_runner import APP_NAME, cpu_config, free_port, serve_run
-
-
-@pytest.fixture(scope="session")
-def serve_port() -> int:
-    return free_port()
+from tests.serve.app_runner import APP_NAME, cpu_config, serve_run
 
 
 @pytest.fixture(scope="module")

@@ -188,13 +188,15 @@ def test_handle_client_works_inside_a_ray_task(http_client):
     np.testing.assert_array_equal(ray.get(segment_in_a_task.remote(IMAGE)), http_client.run(IMAGE, text="a red car"))
 
 
-def test_versioned_api_with_openapi_and_health(app_url):
+def test_versioned_api_with_openapi_health_and_info(app_url, tiny112_dir):
     import httpx
 
     spec = httpx.get(f"{app_url}/openapi.json", timeout=10).json()
-    assert {"/v1/segment", "/v1/health"} <= set(spec["paths"])
+    assert {"/v1/segment", "/v1/health", "/v1/info"} <= set(spec["paths"])
     assert "requestBody" in spec["paths"]["/v1/segment"]["post"]
     assert httpx.get(f"{app_url}/v1/health", timeout=10).json() == {"status": "ok", "api_version": "v1"}
+    info = httpx.get(f"{app_url}/v1/info", timeout=10).json()
+    assert (info["checkpoint"], info["random_weights"], info["api_key_required"]) == (tiny112_dir.name, True, False)
     wrong_version = httpx.post(f"{app_url}/v2/segment", json={}, timeout=10)
     assert wrong_version.status_code == 404
     assert wrong_version.json()["error"]["code"] == "not_found"

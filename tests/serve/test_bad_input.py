@@ -195,6 +195,8 @@ def test_api_key(app_url):
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
     assert wrong.headers["WWW-Authenticate"] == "Bearer"
     assert httpx.get(f"{app_url}/v1/health", timeout=10).status_code == 200, "health stays open"
+    info = httpx.get(f"{app_url}/v1/info", timeout=10)
+    assert info.status_code == 200 and info.json()["api_key_required"] is True, "info stays open, and says so"
     with Sam3HttpClient(app_url, api_key=API_KEY) as client:
         assert client.run(IMAGE, text="cat").shape == IMAGE.shape[:2]
     from client.errors import AuthenticationError

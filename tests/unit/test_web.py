@@ -1,0 +1,86 @@
+"""The pages the ingress serves (playground, Swagger UI) and its info, in-process: no Ray, no browser.
+
+The module-level routes of the ingress's FastAPI app need no Serve replica, so a test client reaches
+them directly; tests/browser renders the same pages in Chromium against the real application.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from client.protocol import InfoResponse
+from deployments.config import AppArgs
+from deployments.ingress import app
+from deployments.web import PLAYGROUND_CSP, playground_html, service_info
+
+
+@pytest.fixture(scope="module")
+def http():
+    return TestClient(app)
+
+
+def test_service_info_names_the_checkpoint_and_says_when_its_weights_are_random(tiny112_dir):
+    info = service_info(AppArgs(models={"sam3": str(tiny112_dir)}, max_image_pixels=1000), api_key_required=True)
+    assert info == InfoResponse(
+        checkpoint=tiny112_dir.name,
+        random_weights=True,
+        api_key_required=True,
+        score_threshold=0.5,
+        max_image_pixels=1000,
+        max_prompt_items=64,
+        max_body_bytes=100_000_000,
+    )
+    real = service_info(AppArgs(models={"sam3": "facebook/sam3"}), api_key_required=False)
+    assert (real.checkpoint, real.random_weights, real.api_key_required) == ("facebook/sam3", False, False)
+
+
+def test_a_checkpoint_directory_without_the_marker_is_not_random(tmp_path):
+    info = service_info(AppArgs(models={"sam3": str(tmp_path / "sam3")}), api_key_required=False)
+    assert (info.checkpoint, info.random_weights) == (str(tmp_path / "sam3"), False), "not a directory: as given"
+    (tmp_path / "sam3").mkdir()
+    assert service_info(AppArgs(models={"sam3": str(tmp_path / "sam3")}), api_key_required=False).random_weights is False
+
+
+def test_the_page_base_follows_the_route_prefix():
+    assert '<base href="/">' in playground_html("")
+    assert '<base href="/sam3/">' in playground_html("/sam3")
+    assert '<base href="/a&quot;b/">' in playground_html('/a"b')
+
+
+@pytest.mark.parametrize("path", ["/", "/playground"])
+def test_the_playground_is_served_with_its_assets_and_nothing_from_elsewhere(http, path):
+    page = http.get(path)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == PLAYGROUND_CSP
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "static/playground/playground.js" in assets and "static/playground/playground.css" in assets
+    for asset in assets:
+        assert not asset.startswith(("http:", "https:", "//")), f"{asset} is not served by the application"
+        if asset.startswith("static/"):
+            assert http.get("/" + asset).status_code == 200
+
+
+def test_swagger_ui_loads_its_assets_from_the_application(http):
+    page = http.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    names = ("favicon.png", "swagger-ui-bundle.js", "swagger-ui.css")
+    assert sorted(assets) == [f"/static/docs/{name}" for name in names]
+    for asset in assets:
+        assert http.get(asset).status_code == 200
+    assert "https://" not in page.text
+
+
+def test_unknown_paths_keep_the_json_404(http):
+    for path in ("/static/playground/missing.js", "/static/docs/missing.js", "/redoc", "/playground/x"):
+        answer = http.get(path)
+        assert answer.status_code == 404
+        assert answer.json()["error"]["code"] == "not_found"
+
+
+def test_the_pages_are_not_in_the_openapi_description():
+    assert sorted(app.openapi()["paths"]) == ["/v1/health", "/v1/info", "/v1/segment"]
