@@ -33,8 +33,10 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Per module: Playwright's sync API runs an asyncio loop in this thread while it is open, and Serve
+    handle calls (`.result()`) refuse to block inside a running loop, so it must not outlive the module."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         yield browser
