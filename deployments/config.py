@@ -50,6 +50,12 @@ class AppArgs(BaseModel):
     )
     api_key_file: str | None = Field(None, description="A file holding the API key (a mounted secret).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
+    unavailable_after_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="Once a stage has had no running replica this long (a lost node, a replica that cannot start), "
+        "the ingress answers 503 at once instead of letting requests wait out their timeout.",
+    )
 
 
 class BatchConfig(BaseModel):

@@ -38,6 +38,7 @@ from client.protocol import (
     SegmentRequest,
     SegmentResponse,
 )
+from deployments.availability import StageUnavailableError, StageWatch
 from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
 
@@ -144,6 +145,8 @@ class Sam3Ingress:
         self.api_key = load_api_key(args)
         self.max_body_bytes = args.max_body_bytes
         self.retry_after_s = args.retry_after_s
+        context = serve.get_replica_context()
+        self.stages = StageWatch(context.app_name, context.deployment, args.unavailable_after_s)
 
     async def segment(self, request: SegmentRequest) -> SegmentResponse:
         """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s.
@@ -158,11 +161,11 @@ class Sam3Ingress:
         result = self.model_pool.run.remote(prepared)
         final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
         try:
-            response = await asyncio.wait_for(final, timeout=request.timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as stopped:
+            response = await asyncio.wait_for(self.stages.guard(final), timeout=request.timeout_s)
+        except (TimeoutError, asyncio.CancelledError, StageUnavailableError) as stopped:
             for response in (prepared, result, final):
                 response.cancel()
-            if isinstance(stopped, asyncio.CancelledError):
+            if isinstance(stopped, (asyncio.CancelledError, StageUnavailableError)):
                 raise
             raise RequestTimeoutError(f"no answer within the request's timeout of {request.timeout_s} s") from None
         except Exception as error:
