@@ -58,6 +58,12 @@ class AppArgs(BaseModel):
     )
     api_key_file: str | None = Field(None, description="A file holding the API key (a mounted secret).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
+    unavailable_after_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="Once a stage has had no running replica this long (a lost node, a replica that cannot start), "
+        "the ingress answers 503 at once instead of letting requests wait out their timeout.",
+    )
 
     @model_validator(mode="after")
     def _default_model_is_served(self) -> AppArgs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ray.exceptions import ObjectLostError
 from ray.serve.exceptions import RayServeException
 
 from client.errors import Sam3Error, ServiceUnavailableError
@@ -23,6 +24,11 @@ def as_sam3_error(error: BaseException) -> Sam3Error:
         # the application is fine, the replica is being replaced, so the request can be retried.
         logger.warning("request lost to a replica failure: %s", str(cause).splitlines()[0])
         return ServiceUnavailableError("a replica failed while handling the request: retry")
+    if isinstance(cause, ObjectLostError):
+        # A stage's output lived on a node that was lost before the next stage read it: nothing is wrong
+        # with the request, and a retry runs it on the replicas that are left.
+        logger.warning("request lost with a node: %s", str(cause).splitlines()[0])
+        return ServiceUnavailableError("a node holding the request's intermediate result was lost: retry")
     typed = typed_error(cause)
     if type(typed) is Sam3Error and not isinstance(cause, Sam3Error):
         logger.error("unexpected error while serving a request", exc_info=cause)

@@ -41,12 +41,13 @@ from client.protocol import (
     SegmentRequest,
     SegmentResponse,
 )
+from deployments.availability import StageUnavailableError, StageWatch
 from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
 from deployments.metrics import UNKNOWN, IngressMetrics
+from deployments.web import add_pages, service_info
 
 logger = logging.getLogger("ray.serve")
-from deployments.web import add_pages, service_info
 
 app = FastAPI(
     title="SAM 3 segmentation",
@@ -165,6 +166,8 @@ class Sam3Ingress:
         self.retry_after_s = args.retry_after_s
         self.metrics = IngressMetrics()
         self.service_info = service_info(args, api_key_required=self.api_key is not None)
+        context = serve.get_replica_context()
+        self.stages = StageWatch(context.app_name, context.deployment, args.unavailable_after_s)
 
     async def segment(self, request: SegmentRequest) -> SegmentResponse:
         """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s.
@@ -197,11 +200,11 @@ class Sam3Ingress:
         result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepared)
         final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
         try:
-            response = await asyncio.wait_for(final, timeout=request.timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as stopped:
+            response = await asyncio.wait_for(self.stages.guard(final), timeout=request.timeout_s)
+        except (TimeoutError, asyncio.CancelledError, StageUnavailableError) as stopped:
             for response in (prepared, result, final):
                 response.cancel()
-            if isinstance(stopped, asyncio.CancelledError):
+            if isinstance(stopped, (asyncio.CancelledError, StageUnavailableError)):
                 raise
             raise RequestTimeoutError(f"no answer within the request's timeout of {request.timeout_s} s") from None
         except Exception as error:

@@ -10,12 +10,7 @@ in-process pipeline gives, every bad row must carry its error code, and every ro
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from functools import lru_cache
@@ -32,92 +27,16 @@ from pycocotools import mask as mask_utils
 
 from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import Sam3Pipeline
-from deployments.launch import REPO, cpu_config, free_port
+from deployments.launch import cpu_config
 from pipelines.rows import canonical_prompt, parse_prompt
 from tests.conftest import random_image
+from tests.ray_cluster import Cluster
 
-BIN = Path(sys.executable).parent
 GOOD_IMAGES = 240
 TEXT = "a red car"
 BOX_PROMPT = json.dumps({"boxes": [[4, 4, 30, 28]], "labels": [1]})
 POINT_PROMPT = json.dumps({"points": [[12, 10]], "labels": [1]})
-NO_AGENT_YET = "No available agent to submit job"
 BAD_PROMPT = json.dumps({"points": [[12, 10]], "labels": [1, 0]})  # two labels for one point
-
-
-class Cluster:
-    """A head node started by `ray start --head --block`; stopping that process stops this cluster only.
-
-    It has its own temp dir: `ray start` records its address there, and a record in the default one would
-    make every later `ray.init()` on this machine try to join this cluster after it is gone."""
-
-    def __init__(self, tmp_path: Path):
-        self.gcs_port, self.dashboard_port, self.http_port = free_port(), free_port(), free_port()
-        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths have a length limit
-        self.env = {
-            **os.environ,
-            "RAY_AUTH_MODE": "disabled",
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
-        }
-        self.log = (tmp_path / "ray-start.log").open("w")
-        self.head = subprocess.Popen(
-            [BIN / "ray", "start", "--head", "--block", f"--port={self.gcs_port}", "--num-cpus=8",
-             f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
-             f"--temp-dir={self.temp_dir}"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self._wait(lambda: self.ray("job", "list", check=False).returncode == 0, 120, "the job server to answer")
-
-    def ray(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([BIN / "ray", *args], env=self.env, capture_output=True, text=True, check=check,
-                              timeout=timeout, cwd=REPO)  # fmt: skip
-
-    def serve_deploy(self, config_path: Path) -> None:
-        deployed = subprocess.run([BIN / "serve", "deploy", str(config_path), "--address", self.env["RAY_ADDRESS"]], env=self.env, capture_output=True,
-                                  text=True, cwd=REPO, timeout=120)  # fmt: skip
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-
-        def running() -> bool:
-            result = subprocess.run([BIN / "serve", "status", "--address", self.env["RAY_ADDRESS"]], env=self.env, capture_output=True, text=True, cwd=REPO)
-            status = yaml.safe_load(result.stdout or "{}") or {}
-            application = (status.get("applications") or {}).get("sam3") or {}
-            assert application.get("status") != "DEPLOY_FAILED", result.stdout
-            return application.get("status") == "RUNNING"
-
-        self._wait(running, 300, "the application to run")
-
-    def submit(self, *job_args: str, submission_id: str | None = None) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .` from the repository, as the README says; with an id, without waiting."""
-        extra = [] if submission_id is None else ["--no-wait", "--submission-id", submission_id]
-        deadline = time.monotonic() + 120
-        while True:
-            result = self.ray("job", "submit", *extra, "--working-dir", ".", "--", "python", "-m",
-                              "pipelines.segment", *job_args, check=False)  # fmt: skip
-            # The job server answers before the node's agent that runs jobs is up; it says to try again.
-            if NO_AGENT_YET not in result.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        assert result.returncode == 0, f"the job failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-        return result
-
-    def stop(self) -> None:
-        os.killpg(self.head.pid, signal.SIGTERM)
-        try:
-            self.head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.head.pid, signal.SIGKILL)
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    @staticmethod
-    def _wait(condition, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(1)
-        raise TimeoutError(f"waited {timeout_s} s for {what}")
 
 
 @pytest.fixture(scope="module")
