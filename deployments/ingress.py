@@ -59,6 +59,22 @@ app = FastAPI(
 )
 add_pages(app)
 
+# The request body is parsed by hand (see `segment_http`), so FastAPI does not describe it: its schema and
+# the models it refers to go under components, where the OpenAPI document's `$ref`s can find them.
+SEGMENT_REQUEST_SCHEMA = SegmentRequest.model_json_schema(mode="validation", ref_template="#/components/schemas/{model}")
+REQUEST_COMPONENTS = {"SegmentRequest": SEGMENT_REQUEST_SCHEMA, **SEGMENT_REQUEST_SCHEMA.pop("$defs", {})}
+
+
+def openapi_document() -> dict:
+    """FastAPI's document, with the hand-parsed request's models added to its components (made once)."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(REQUEST_COMPONENTS)
+    return app.openapi_schema
+
+
+app.openapi = openapi_document
+
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
@@ -226,7 +242,7 @@ class Sam3Ingress:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": SegmentRequest.model_json_schema(mode="validation")}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SegmentRequest"}}},
             }
         },
     )
