@@ -92,6 +92,12 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class ImageNotCachedError(NotFoundError):
+    """The request names an `image_id` whose features no replica holds any more: send the image itself."""
+
+    code = "image_not_cached"
+
+
 class ServiceUnavailableError(Sam3Error):
     """The service is overloaded or starting: retrying later may succeed."""
 

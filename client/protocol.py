@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_VERSION = "v1"
 SEGMENT_PATH = f"/{API_VERSION}/segment"
@@ -18,6 +18,10 @@ REQUEST_ID_HEADER = "x-request-id"
 INFO_PATH = f"/{API_VERSION}/info"
 
 PromptType = Literal["text", "points", "boxes"]
+
+# What the service calls an image it has seen: a content hash of its model-ready pixels and the checkpoint,
+# then the original height and width (which prompts in pixels are scaled against).
+IMAGE_ID_PATTERN = r"^[0-9a-f]{32}-[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$"
 
 
 class WireModel(BaseModel):
@@ -40,8 +44,16 @@ class SegmentRequest(WireModel):
     of the answer says which of them it answers (`labels`, an index into the list).
     """
 
-    image: bytes = Field(
-        description="The encoded image file (JPEG, PNG, WebP, ...) or a .npy array of uint8 pixels, base64 in JSON."
+    image: bytes | None = Field(
+        None,
+        description="The encoded image file (JPEG, PNG, WebP, ...) or a .npy array of uint8 pixels, base64 in JSON. "
+        "Send it, or `image_id` instead.",
+    )
+    image_id: str | None = Field(
+        None,
+        pattern=IMAGE_ID_PATTERN,
+        description="Instead of `image`: the `image_id` of an earlier answer, to reuse that image's vision features. "
+        "If no replica holds them any more, the answer is 404 `image_not_cached`: send the image again.",
     )
     text: str | list[str] | None = Field(
         None, description="A concept, or several, to segment: every instance of each is returned."
@@ -69,6 +81,12 @@ class SegmentRequest(WireModel):
         max_length=128,
         description="Which of the service's checkpoints answers (its `models` setting); none: the default one.",
     )
+
+    @model_validator(mode="after")
+    def _one_image(self) -> SegmentRequest:
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError("send exactly one of `image` and `image_id`")
+        return self
 
     @property
     def prompt_type(self) -> PromptType:
@@ -100,6 +118,9 @@ class SegmentResponse(WireModel):
     )
     timings_ms: dict[str, float] = Field(
         default_factory=dict, description="Server time per stage (preprocess, queue, model, postprocess, total)."
+    )
+    image_id: str | None = Field(
+        None, description="Send it as `image_id` instead of the image to ask more of the same image."
     )
 
 

@@ -45,6 +45,12 @@ class AppArgs(BaseModel):
         description="Threads torch uses in a model replica. None: Ray's default, the CPUs the replica reserves.",
     )
     text_cache_size: int = Field(1024, ge=0, description="Text encodings a model replica keeps across requests.")
+    vision_cache_bytes: int = Field(
+        4_000_000_000,
+        ge=0,
+        description="Per model replica and checkpoint: bytes of images' vision features kept for follow-up prompts "
+        "(on the model's device, so GPU memory on a GPU); least recently used evicted. 0 turns the cache off.",
+    )
     max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
     max_prompt_items: int = Field(
         64, ge=1, description="Most points or boxes in one prompt, and most texts or box sets in one request."

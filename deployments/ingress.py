@@ -1,7 +1,9 @@
 """The HTTP ingress: a thin router over one `segment` method that the handle client calls too.
 
-Data never passes through here: the ingress chains `DeploymentResponse`s (preprocessor -> model pool ->
-postprocessor) and awaits only the last, so images and masks go replica to replica.
+Images and masks go replica to replica through the object store. The ingress reads the prepared item's
+image id (on the same node, Ray maps its pixels without a copy) to route the model call by, passes the
+preprocessor's `DeploymentResponse` itself on to the model pool, chains the model pool's into the
+postprocessor, and awaits the last.
 """
 
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations at import.
@@ -17,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException
 
 from client.errors import (
@@ -212,14 +214,13 @@ class Sam3Ingress:
         started = time.perf_counter()
         model_id = self.args.model_id_for(request.model_id)
         deadline = time.time() + request.timeout_s if request.timeout_s else None
-        prepared = self.preprocessor.prepare.remote(request, model_id, deadline)
-        result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepared)
-        final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
+        in_flight: list[DeploymentResponse] = []
         try:
-            response = await asyncio.wait_for(self.stages.guard(final), timeout=request.timeout_s)
+            answer = self._chain(request, model_id, deadline, in_flight)
+            response = await asyncio.wait_for(self.stages.guard(answer), timeout=request.timeout_s)
         except (TimeoutError, asyncio.CancelledError, StageUnavailableError) as stopped:
-            for response in (prepared, result, final):
-                response.cancel()
+            for stage_response in in_flight:
+                stage_response.cancel()
             if isinstance(stopped, (asyncio.CancelledError, StageUnavailableError)):
                 raise
             raise RequestTimeoutError(f"no answer within the request's timeout of {request.timeout_s} s") from None
@@ -227,6 +228,23 @@ class Sam3Ingress:
             raise as_sam3_error(error) from None
         total_ms = (time.perf_counter() - started) * 1000
         return response.model_copy(update={"timings_ms": {**response.timings_ms, "total": total_ms}})
+
+    async def _chain(
+        self, request: SegmentRequest, model_id: str, deadline: float | None, in_flight: list[DeploymentResponse]
+    ) -> SegmentResponse:
+        """Preprocessor, then model pool, then postprocessor, each response added to `in_flight` as it starts.
+
+        The ingress reads the image's id from the prepared item, so that the model pool's request router can
+        send the request to the replica that holds the image's features. It passes on the preprocessor's
+        response, not the item: the model replica reads the item from the object store itself.
+        """
+        prepare = self.preprocessor.prepare.remote(request, model_id, deadline)
+        in_flight.append(prepare)
+        prepared = await prepare
+        result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=prepared.image_key)
+        final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
+        in_flight += [result, final]
+        return await final
 
     def record_failure(self, error: Sam3Error, model_id: str, prompt_type: str) -> None:
         """Count it, log it with the request id, and put that id on the error for the caller to quote."""

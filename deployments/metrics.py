@@ -8,10 +8,13 @@ no request can create a new time series.
 
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+import weakref
+
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from client.protocol import SegmentResponse
 from deployments.core.runner import PreparedItem
+from deployments.core.vision_cache import CacheStats, VisionFeatureCache
 
 # Time per stage, from the timings each stage adds to the response (`SegmentResponse.timings_ms`).
 STAGES = ("preprocess", "queue", "model", "postprocess", "total")
@@ -74,7 +77,10 @@ class IngressMetrics:
 
 
 class ModelPoolMetrics:
-    """How full the model's batches are: requests per batch, and prompts (texts, box sets, point sets) per batch."""
+    """How full the model's batches are: requests per batch, and prompts (texts, box sets, point sets) per batch.
+
+    And how the vision-feature cache does: lookups that hit or missed, evictions, and what it holds.
+    """
 
     def __init__(self) -> None:
         self.batch_size = Histogram(
@@ -89,6 +95,38 @@ class ModelPoolMetrics:
             boundaries=COUNT_BOUNDARIES,
             tag_keys=("model_id",),
         )
+        self.cache_lookups = Counter(
+            "sam3_vision_cache_lookups",
+            description="Images looked up in the vision-feature cache, by outcome (hit: the ViT did not run).",
+            tag_keys=("model_id", "outcome"),
+        )
+        self.cache_evictions = Counter(
+            "sam3_vision_cache_evictions",
+            description="Images' features evicted to stay within vision_cache_bytes.",
+            tag_keys=("model_id",),
+        )
+        self.cache_bytes = Gauge(
+            "sam3_vision_cache_bytes", description="Bytes of vision features the cache holds.", tag_keys=("model_id",)
+        )
+        self.cache_images = Gauge(
+            "sam3_vision_cache_images", description="Images whose features the cache holds.", tag_keys=("model_id",)
+        )
+        self._reported_cache: weakref.WeakKeyDictionary[VisionFeatureCache, CacheStats] = weakref.WeakKeyDictionary()
+
+    def observe_cache(self, model_id: str, cache: VisionFeatureCache) -> None:
+        """What changed in `cache` since its last report (batches overlap, so not since a batch began; a model
+        loaded again has a new cache that counts from zero)."""
+        tags = {"model_id": model_id}
+        after = cache.stats()
+        before = self._reported_cache.get(cache, CacheStats(0, 0, 0, 0, 0))
+        self._reported_cache[cache] = after
+        for outcome, count in (("hit", after.hits - before.hits), ("miss", after.misses - before.misses)):
+            if count:
+                self.cache_lookups.inc(count, tags={**tags, "outcome": outcome})
+        if after.evictions > before.evictions:
+            self.cache_evictions.inc(after.evictions - before.evictions, tags=tags)
+        self.cache_bytes.set(after.bytes_held, tags=tags)
+        self.cache_images.set(after.images_held, tags=tags)
 
     def observe_batch(self, model_id: str, items: list[PreparedItem]) -> None:
         tags = {"model_id": model_id}

@@ -9,18 +9,18 @@ routed to replicas that hold it, and each model batches on its own, so a batch n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import weakref
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from ray import serve
 
-from client.errors import RequestTimeoutError
+from client.errors import ImageNotCachedError, RequestTimeoutError
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
@@ -31,16 +31,17 @@ from deployments.metrics import ModelPoolMetrics
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass
+@dataclasses.dataclass
 class ModelResult:
     """Raw outputs for one request, with what the postprocessor needs to finish it."""
 
     original_size: tuple[int, int]
     outputs: list[RawOutput]
     timings_ms: dict[str, float]
+    image_key: str | None  # the image's id, which the answer gives the caller for follow-up prompts
 
 
-@dataclass
+@dataclasses.dataclass
 class LoadedModel:
     """One checkpoint in a replica: its weights, its text-encoding cache, and its own batcher."""
 
@@ -65,7 +66,7 @@ class Sam3ModelPool:
     one starts only when `max_concurrent_batches` lets two batches run at once.
     """
 
-    def __init__(self, args: AppArgs):
+    async def __init__(self, args: AppArgs):
         self._args = args
         self._torch_threads = args.torch_threads
         self._model_threads: deque[ThreadPoolExecutor] = deque()
@@ -75,24 +76,21 @@ class Sam3ModelPool:
         self._held: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
         self.batch_sizes: Counter[int] = Counter()
         self.metrics = ModelPoolMetrics()
-        first = self._new_model_thread()
-        # The default model loads at start, so a replica is ready only once it can answer; multiplexing
-        # takes it over on its first request.
-        default = first.submit(self._load_on_model_thread, args.default_model).result()
-        self._model_threads.append(first)
-        self._preloaded = {default.model_id: default}
 
         async def load_model(model_id: str) -> LoadedModel:
-            return self._preloaded.pop(model_id, None) or await self._on_model_thread(self._load_on_model_thread, model_id)
+            return await self._on_model_thread(self._load_on_model_thread, model_id)
 
         # Wrapped here rather than decorated, so the bound comes from the application's args.
         self._loaded_model = serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)(load_model)
+        # The default model loads at start, through multiplexing: a replica is ready only once it can answer,
+        # and request routers know from the start which replicas hold it.
+        default = await self._loaded_model(args.default_model)
         logger.info(
             "model pool: %s on %s, %s attention, %d torch threads",
             default.models.dtype,
             default.models.device,
             default.models.detector.config._attn_implementation,
-            first.submit(torch.get_num_threads).result(),
+            await self._on_model_thread(torch.get_num_threads),
         )
 
     def _new_model_thread(self) -> ThreadPoolExecutor:
@@ -115,24 +113,35 @@ class Sam3ModelPool:
         args = self._args
         started = time.perf_counter()
         models = load_sam3(args.models[model_id], resolve_device(args.device), args.dtype)
-        runner = Sam3Runner(models, args.score_threshold, text_cache_size=args.text_cache_size)
+        runner = Sam3Runner(
+            models, args.score_threshold, text_cache_size=args.text_cache_size, vision_cache_bytes=args.vision_cache_bytes
+        )
         batcher = ContinuousBatcher(
             lambda queued: self._run_batch(model_id, runner, queued), max_batch_size=self._batch_config.max_batch_size
         )
         self._configure(batcher)
-        self._warm_up(runner, models)
-        logger.info("model %s (%s) loaded in %.1f s", model_id, args.models[model_id], time.perf_counter() - started)
+        image_bytes = self._warm_up(runner, models)
+        logger.info(
+            "model %s (%s) loaded in %.1f s; one image's vision features take %.1f MB (%d fit in vision_cache_bytes)",
+            model_id,
+            args.models[model_id],
+            time.perf_counter() - started,
+            image_bytes / 1e6,
+            args.vision_cache_bytes // image_bytes,
+        )
         loaded = LoadedModel(model_id, models, runner, batcher)
         self._held[model_id] = loaded
         return loaded
 
     @staticmethod
-    def _warm_up(runner: Sam3Runner, models: Sam3Models) -> None:
-        """One forward pass of each head at load, so the first request does not pay for it."""
+    def _warm_up(runner: Sam3Runner, models: Sam3Models) -> int:
+        """One forward pass of each head at load, so the first request does not pay for it. Returns the bytes
+        one image's vision features take (what sizing the cache needs), measured on that pass."""
         size = models.geometry.image_size
         blank = np.zeros((size, size, 3), dtype=np.uint8)
         common = {"tokenizer": models.tokenizer, "geometry": models.geometry}
         runner.run([prepare_item(blank, text="warm up", **common), prepare_item(blank, points=[[1, 1]], labels=[1], **common)])
+        return runner.image_feature_bytes
 
     def _configure(self, batcher: ContinuousBatcher) -> None:
         config = self._batch_config
@@ -147,11 +156,18 @@ class Sam3ModelPool:
     def _loaded_models(self) -> list[LoadedModel]:
         return list(self._held.values())
 
-    async def run(self, item: PreparedItem) -> ModelResult:
+    async def run(self, item: PreparedItem, image_key: str | None = None) -> ModelResult:
         """One request in, one result or one error out, whatever else shared its batch.
 
-        The model is the request's multiplexed model id (the ingress sets it on the handle)."""
+        The model is the request's multiplexed model id (the ingress sets it on the handle). `image_key` is
+        `item.image_key` again, for the request router (`deployments.routing`), which sees the call's
+        arguments but not the item's contents. A request that names its image by id alone, when this replica
+        does not hold that image's features, is answered at once: the caller must send the image.
+        """
         loaded = await self._loaded_model(serve.get_multiplexed_model_id() or self._args.default_model)
+        cache = loaded.runner.vision_cache
+        if item.pixels is None and (cache is None or item.image_key not in cache):
+            raise ImageNotCachedError("no replica holds this image's features any more: send the image again")
         result = await loaded.batcher.submit((item, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
@@ -180,13 +196,18 @@ class Sam3ModelPool:
     async def _run_live(self, model_id: str, runner: Sam3Runner, items: list[PreparedItem]) -> list[ModelResult | Exception]:
         self.batch_sizes[len(items)] += 1
         self.metrics.observe_batch(model_id, items)
-        return await self._on_model_thread(self._run_items, runner, items)
+        results = await self._on_model_thread(self._run_items, runner, items)
+        if runner.vision_cache is not None:
+            self.metrics.observe_cache(model_id, runner.vision_cache)
+        return results
 
     @staticmethod
     def _run_items(runner: Sam3Runner, items: list[PreparedItem]) -> list[ModelResult | Exception]:
         outputs = run_isolating_failures(runner, items, runner.models.device)
         return [
-            result if isinstance(result, Exception) else ModelResult(item.original_size, result, dict(item.timings_ms))
+            result
+            if isinstance(result, Exception)
+            else ModelResult(item.original_size, result, dict(item.timings_ms), item.image_key)
             for item, result in zip(items, outputs)
         ]
 
@@ -198,8 +219,14 @@ class Sam3ModelPool:
         """Cumulative batch sizes and busy seconds (time with a batch running), for benchmarks and operators."""
         loaded = self._loaded_models()
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "batch_sizes": dict(self.batch_sizes),
             "busy_s": sum(model.batcher.busy_s() for model in loaded),
             "queued": sum(model.batcher.queued() for model in loaded),
             "models": sorted(model.model_id for model in loaded),
+            "vision_cache": {
+                model.model_id: dataclasses.asdict(model.runner.vision_cache.stats())
+                for model in loaded
+                if model.runner.vision_cache is not None
+            },
         }

@@ -24,7 +24,7 @@ class Sam3Postprocessor:
             result.outputs, result.original_size, self.mask_chunk_pixels, with_instances=return_detections
         )
         timings_ms = {**result.timings_ms, "postprocess": (time.perf_counter() - started) * 1000}
-        return to_response(segmentation, prompt_type, timings_ms)
+        return to_response(segmentation, prompt_type, timings_ms, image_id=result.image_key)
 
     async def finish(self, result: ModelResult, prompt_type: PromptType, return_detections: bool) -> SegmentResponse:
         """Upsampling and RLE encoding are CPU-bound: run them off the replica's event loop."""

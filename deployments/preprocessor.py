@@ -19,6 +19,8 @@ class Sam3Preprocessor:
     """Needs each checkpoint's tokenizer and config only, never its weights, so it holds every model's."""
 
     def __init__(self, args: AppArgs):
+        # An image's id names its cached features: without a cache, answers carry none and requests no routing key.
+        self.checkpoints = args.models if args.vision_cache_bytes > 0 else {}
         self.tokenizers = {model_id: load_tokenizer(checkpoint) for model_id, checkpoint in args.models.items()}
         self.geometries: dict[str, ModelGeometry] = {
             model_id: load_geometry(checkpoint) for model_id, checkpoint in args.models.items()
@@ -32,6 +34,7 @@ class Sam3Preprocessor:
             request,
             tokenizer=self.tokenizers[model_id],
             geometry=self.geometries[model_id],
+            checkpoint=self.checkpoints.get(model_id),
             max_image_pixels=self.max_image_pixels,
             max_prompt_items=self.max_prompt_items,
             deadline=deadline,

@@ -15,13 +15,16 @@ from deployments.core.postprocess import Segmentation, build_segmentation, encod
 from deployments.core.preprocess import resize_to_model
 from deployments.core.prompts import build_prompts
 from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
+from deployments.core.vision_cache import image_key, original_size_of
 
 
 def prepare_item(
-    image: ImageSource,
+    image: ImageSource | None,
     *,
     tokenizer: PreTrainedTokenizerBase,
     geometry: ModelGeometry,
+    image_id: str | None = None,
+    checkpoint: str | None = None,
     text: str | list[str] | None = None,
     points=None,
     boxes=None,
@@ -32,9 +35,13 @@ def prepare_item(
     max_prompt_items: int | None = None,
     deadline: float | None = None,
 ) -> PreparedItem:
-    """Decode and validate one request and turn it into model inputs (CPU only, no weights needed)."""
-    rgb = decode_image(image, max_pixels=max_image_pixels)
-    height, width = rgb.shape[:2]
+    """Decode and validate one request and turn it into model inputs (CPU only, no weights needed).
+
+    With `checkpoint`, the item carries its image's id (`image_key`), under which a model replica caches the
+    image's vision features. An `image_id` instead of an image names an image sent before: nothing to decode.
+    """
+    rgb = None if image_id is not None else decode_image(image, max_pixels=max_image_pixels)
+    height, width = original_size_of(image_id) if rgb is None else rgb.shape[:2]
     prompts = build_prompts(
         text=text,
         points=points,
@@ -48,10 +55,14 @@ def prepare_item(
         width=width,
         max_items=max_prompt_items,
     )
+    pixels = None if rgb is None else resize_to_model(rgb, geometry.image_size)
+    if pixels is not None and checkpoint is not None:
+        image_id = image_key(pixels, (height, width), checkpoint)
     return PreparedItem(
-        pixels=resize_to_model(rgb, geometry.image_size),
+        pixels=pixels,
         original_size=(height, width),
         prompts=prompts,
+        image_key=image_id,
         deadline=deadline,
         score_threshold=score_threshold,
     )
@@ -62,6 +73,7 @@ def prepare_request(
     *,
     tokenizer: PreTrainedTokenizerBase,
     geometry: ModelGeometry,
+    checkpoint: str | None = None,
     max_image_pixels: int | None = None,
     max_prompt_items: int | None = None,
     deadline: float | None = None,
@@ -71,6 +83,8 @@ def prepare_request(
         request.image,
         tokenizer=tokenizer,
         geometry=geometry,
+        image_id=request.image_id,
+        checkpoint=checkpoint,
         text=request.text,
         points=request.points,
         boxes=request.boxes,

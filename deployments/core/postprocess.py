@@ -106,7 +106,10 @@ def encode_segmentation(
 
 
 def to_response(
-    segmentation: EncodedSegmentation, prompt_type: PromptType, timings_ms: dict[str, float]
+    segmentation: EncodedSegmentation,
+    prompt_type: PromptType,
+    timings_ms: dict[str, float],
+    image_id: str | None = None,
 ) -> SegmentResponse:
     """The wire response; without detections the instance lists are empty and only the union travels."""
     height, width = segmentation.union_mask.size
@@ -120,6 +123,7 @@ def to_response(
         scores=[float(score) for score in segmentation.scores],
         labels=[int(label) for label in segmentation.labels],
         timings_ms=timings_ms,
+        image_id=image_id,
     )
 
 

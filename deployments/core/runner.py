@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,11 +22,12 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-from client.errors import ServiceUnavailableError
+from client.errors import ImageNotCachedError, ServiceUnavailableError
 from deployments.core.checkpoint import Sam3Models
 from deployments.core.masks import concept_scores, keep_above
 from deployments.core.preprocess import normalize
 from deployments.core.prompts import ConceptPrompt, PointPrompt, Prompt, pad_box_exemplars
+from deployments.core.vision_cache import ImageFeatures, VisionFeatureCache
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,9 +36,10 @@ logger = logging.getLogger("ray.serve")
 class PreparedItem:
     """One image, resized to the model, with the prompts to answer on it."""
 
-    pixels: np.ndarray  # uint8 [3, S, S]
+    pixels: np.ndarray | None  # uint8 [3, S, S]; None when the request named a cached image by its id
     original_size: tuple[int, int]  # (H, W) after EXIF orientation
     prompts: list[Prompt]
+    image_key: str | None = None  # the image's id (`vision_cache.image_key`): where its features are cached
     deadline: float | None = None  # time.time() after which nobody waits for the answer
     score_threshold: float | None = None  # None: the runner's default
     timings_ms: dict[str, float] = field(default_factory=dict)  # time per stage so far, for the response
@@ -76,15 +78,22 @@ class Sam3Runner:
 
     Only kept queries leave the device: all 200 query masks of the real model would be 66 MB per prompt.
     Text encodings are kept across batches (least recently used evicted): a service sees the same
-    concepts again and again, and the text encoder is 354M parameters of the real model.
+    concepts again and again, and the text encoder is 354M parameters of the real model. With
+    `vision_cache_bytes`, so are the vision features of images that carry an `image_key`.
     """
 
-    def __init__(self, models: Sam3Models, score_threshold: float, text_cache_size: int = 1024):
+    def __init__(
+        self, models: Sam3Models, score_threshold: float, text_cache_size: int = 1024, vision_cache_bytes: int = 0
+    ):
         self.models = models
         self.score_threshold = score_threshold
         self.text_cache_size = text_cache_size
         self._text_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._text_cache_lock = threading.Lock()  # batches may run in several threads at once
+        self.vision_cache = VisionFeatureCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
+        # Depends on the feature maps' shapes only, so one copy serves every cached image.
+        self._position_encoding: tuple[torch.Tensor, ...] | None = None
+        self.image_feature_bytes = 0  # what one image's cached features take, known after the first ViT pass
 
     @torch.inference_mode()
     def run(self, items: list[PreparedItem]) -> list[list[RawOutput]]:
@@ -114,11 +123,62 @@ class Sam3Runner:
         return tensor.to(device=self.models.device, dtype=dtype or tensor.dtype)
 
     def _vision_features(self, items: list[PreparedItem]) -> Sam3VisionEncoderOutput:
-        pixels = torch.from_numpy(np.stack([item.pixels for item in items]))
+        """The batch's backbone output: from the cache for images it holds, from one ViT pass for the rest.
+
+        Each distinct image is encoded once, however many items of the batch name it. What comes from the
+        cache is the very tensor a miss computed, so an answer from the cache equals the answer without it.
+        """
+        if self.vision_cache is None:
+            if any(item.pixels is None for item in items):
+                raise ImageNotCachedError("this service keeps no vision features (vision_cache_bytes is 0): send the image")
+            return self._encode([item.pixels for item in items])
+        sources: dict[str | int, int] = {}  # an image key, or the item's index when it has none -> image
+        slots = [sources.setdefault(item.image_key or index, len(sources)) for index, item in enumerate(items)]
+        carriers: dict[int, PreparedItem] = {}  # per image, an item that sent its pixels if any did
+        for slot, item in zip(slots, items):
+            if slot not in carriers or carriers[slot].pixels is None:
+                carriers[slot] = item
+        requests = Counter(slots)
+        images: list[ImageFeatures | None] = [
+            self.vision_cache.get(source, requests[slot]) if isinstance(source, str) else None
+            for source, slot in sources.items()
+        ]
+        missing = [slot for slot, features in enumerate(images) if features is None]
+        if missing:
+            for slot in missing:
+                if carriers[slot].pixels is None:
+                    raise ImageNotCachedError("this replica no longer holds the image's features: send the image")
+            encoded = self._encode([carriers[slot].pixels for slot in missing])
+            for row, slot in enumerate(missing):
+                features = ImageFeatures(
+                    fpn_hidden_states=tuple(level[row : row + 1].clone() for level in encoded.fpn_hidden_states),
+                    last_hidden_state=encoded.last_hidden_state[row : row + 1].clone(),
+                )
+                images[slot] = features
+                if carriers[slot].image_key is not None:
+                    self.vision_cache.put(carriers[slot].image_key, features)
+        per_item = [images[slot] for slot in slots]
+        return Sam3VisionEncoderOutput(
+            last_hidden_state=torch.cat([features.last_hidden_state for features in per_item]),
+            fpn_hidden_states=tuple(
+                torch.cat(levels) for levels in zip(*(features.fpn_hidden_states for features in per_item))
+            ),
+            fpn_position_encoding=tuple(level.expand(len(items), *level.shape[1:]) for level in self._position_encoding),
+        )
+
+    def _encode(self, pixels: list[np.ndarray]) -> Sam3VisionEncoderOutput:
+        """The ViT and the FPN neck over a stack of model-ready images."""
+        stacked = torch.from_numpy(np.stack(pixels))
         if self.models.device.type == "cuda":
             # From page-locked memory the copy is a DMA that overlaps with other work on the GPU.
-            pixels = pixels.pin_memory().to(self.models.device, non_blocking=True)
-        return self.models.detector.get_vision_features(normalize(pixels).to(self.models.dtype))
+            stacked = stacked.pin_memory().to(self.models.device, non_blocking=True)
+        encoded = self.models.detector.get_vision_features(normalize(stacked).to(self.models.dtype))
+        if self._position_encoding is None:
+            self._position_encoding = tuple(level[:1].clone() for level in encoded.fpn_position_encoding)
+            self.image_feature_bytes = ImageFeatures(
+                tuple(level[:1] for level in encoded.fpn_hidden_states), encoded.last_hidden_state[:1]
+            ).nbytes
+        return encoded
 
     def _tracker_image_embeddings(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
         """The tracker's image embeddings from the shared backbone output.

@@ -14,6 +14,7 @@ __all__ = [
     "deployment",
     "free_port",
     "replica_count",
+    "replica_stats",
     "serve_run",
     "wait_until_running",
 ]
@@ -28,3 +29,16 @@ def replica_count(deployment_name: str) -> int:
     """RUNNING replicas of one deployment of the app."""
     status = serve.status().applications[APP_NAME].deployments[deployment_name]
     return status.replica_states.get("RUNNING", 0)
+
+
+def replica_stats(replicas: int, deployment_name: str = "Sam3ModelPool") -> dict[str, dict]:
+    """`stats()` of each of the model pool's `replicas`, by replica id. Calls that name no image are routed at
+    random over the replicas, so this asks until every one has answered."""
+    handle = serve.get_deployment_handle(deployment_name, app_name=APP_NAME)
+    seen: dict[str, dict] = {}
+    for _ in range(100 * replicas):
+        stats = handle.stats.remote().result(timeout_s=60)
+        seen[stats["replica"]] = stats
+        if len(seen) == replicas:
+            return seen
+    raise TimeoutError(f"only {len(seen)} of {replicas} replicas of {deployment_name} answered")

@@ -76,6 +76,7 @@ class FakeRunner:
     def __init__(self, error: Exception, max_ok: int = 1, bad_sizes=()):
         self.error, self.max_ok, self.bad_sizes, self.calls = error, max_ok, set(bad_sizes), []
         self.models = type("Models", (), {"device": torch.device("cpu")})()
+        self.vision_cache = None
 
     def run(self, items):
         self.calls.append(len(items))

@@ -1,0 +1,68 @@
+"""Cache-aware request routing for the model pool: a request goes to the replica that holds its image's features.
+
+Every image has a home among the replicas that hold the request's model: the replica that ranks first for
+the image's id by rendezvous hashing (`home_replica`). The first request on an image goes there and leaves
+its vision features there, and so does every follow-up, from any ingress replica and without shared state.
+Distinct images spread over the replicas as evenly as a hash does, and when replicas come or go only the
+images homed on them move. A home with `overloaded_at` requests or more in flight is passed over for Serve's
+default power-of-two choice, as is a request with no image id.
+
+Configured on the model pool in `serve_config.yaml`:
+
+    request_router_config:
+      request_router_class: deployments.routing:ImageAffinityRouter
+      request_router_kwargs: {overloaded_at: 16}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+
+IMAGE_KEY_ARGUMENT = "image_key"  # the keyword argument of `Sam3ModelPool.run` that names the image
+
+
+def rendezvous_rank(image_key: str, replica_id: str) -> bytes:
+    return hashlib.blake2b(f"{image_key}|{replica_id}".encode(), digest_size=8).digest()
+
+
+def home_replica(image_key: str, replica_ids: Sequence[str]) -> str | None:
+    """The replica an image belongs to: the same for every router that sees the same replicas."""
+    return max(replica_ids, key=lambda replica_id: rendezvous_rank(image_key, replica_id), default=None)
+
+
+class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """No FIFO mixin: Serve's FIFO routing hands a chosen replica to the oldest waiting request, which may be
+    another image's; here each request gets the replica chosen for it."""
+
+    def initialize_state(self, overloaded_at: int = 16) -> None:
+        self.overloaded_at = overloaded_at
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        home = self._home(candidate_replicas, pending_request)
+        if home is not None and not self._overloaded(home):
+            return [[home]]
+        return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+
+    def _home(self, candidates: list[RunningReplica], pending_request: PendingRequest | None) -> RunningReplica | None:
+        image_key = pending_request.kwargs.get(IMAGE_KEY_ARGUMENT) if pending_request is not None else None
+        if not image_key:
+            return None
+        model_id = pending_request.metadata.multiplexed_model_id
+        holders = {
+            replica.replica_id.unique_id: replica
+            for replica in candidates
+            if not model_id or model_id in replica.multiplexed_model_ids
+        }
+        home = home_replica(image_key, list(holders))
+        return None if home is None else holders[home]
+
+    def _overloaded(self, replica: RunningReplica) -> bool:
+        """Requests in flight on it, as this router last knew them (unknown counts as not overloaded)."""
+        in_flight = self.replica_queue_len_cache.get(replica.replica_id)
+        return in_flight is not None and in_flight >= min(self.overloaded_at, replica.max_ongoing_requests)
