@@ -7,6 +7,7 @@ errors below. Importing this package needs light libraries only (no torch, no Ra
 from client.errors import (
     AuthenticationError,
     ConnectionFailedError,
+    ImageNotCachedError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidPromptError,
@@ -25,6 +26,7 @@ from client.protocol import SegmentRequest, SegmentResponse
 __all__ = [
     "AuthenticationError",
     "ConnectionFailedError",
+    "ImageNotCachedError",
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidPromptError",

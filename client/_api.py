@@ -2,11 +2,12 @@
 
 Arguments become a `SegmentRequest` after cheap checks (the server re-validates everything), and a
 `SegmentResponse` becomes numpy masks. A client subclass only says how one attempt travels; retries
-(`client.retry`) wrap it here, the same for both clients.
+(`client.retry`) and sending a known image as its id (`client.image_ids`) wrap it here, the same for both clients.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
@@ -22,7 +23,8 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
-from client.errors import InvalidPromptError, InvalidRequestError, Sam3Error
+from client.errors import ImageNotCachedError, InvalidPromptError, InvalidRequestError, RequestTimeoutError, Sam3Error
+from client.image_ids import ImageIds, image_key
 from client.images import ImageInput, encode_image
 from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy, call_with_retries
@@ -31,6 +33,8 @@ from client.rle import decode_mask
 Coordinates = Sequence[Sequence[float]] | np.ndarray
 T = TypeVar("T")
 R = TypeVar("R")
+
+logger = logging.getLogger("client")
 
 
 class _GeometryPrompt(NamedTuple):
@@ -154,10 +158,18 @@ class SegmentClient(ABC):
     blocks in `.result()`, so a thread per call in flight is all either needs.
     """
 
-    def __init__(self, *, timeout: float | None, retry_policy: RetryPolicy, image_http: httpx.Client | None = None):
+    def __init__(
+        self,
+        *,
+        timeout: float | None,
+        retry_policy: RetryPolicy,
+        image_http: httpx.Client | None = None,
+        reuse_images: bool = True,
+    ):
         self.timeout = timeout
         self.retry_policy = retry_policy
         self._image_http = image_http
+        self._image_ids = ImageIds() if reuse_images else None
         self._sleep, self._clock = time.sleep, time.monotonic  # tests swap in a fake clock
 
     def run(
@@ -340,6 +352,30 @@ class SegmentClient(ABC):
         return self._segment_with_retries(request, self._timeout_for(request.timeout_s))
 
     def _segment_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
+        """An image sent before goes as its `image_id`; if the service has evicted it, the bytes go again, within
+        the same `timeout`. A request that already names an `image_id` goes as it is."""
+        if self._image_ids is None or request.image is None:
+            return self._send_with_retries(request, timeout)
+        key = image_key(request)
+        image_id = self._image_ids.get(key)
+        if image_id is not None:
+            by_id = request.model_copy(update={"image": None, "image_id": image_id})
+            started = self._clock()
+            try:
+                return self._send_with_retries(by_id, timeout)
+            except ImageNotCachedError as error:
+                self._image_ids.forget(key)
+                logger.info("image %s is no longer cached by the service: sending its bytes again", image_id)
+                if timeout is not None:
+                    timeout -= self._clock() - started
+                    if timeout <= 0:
+                        raise RequestTimeoutError(f"no time left to send image {image_id} again: {error}") from error
+        response = self._send_with_retries(request, timeout)
+        if response.image_id is not None:
+            self._image_ids.put(key, response.image_id)
+        return response
+
+    def _send_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
         return call_with_retries(
             lambda remaining: self._segment(request.model_copy(update={"timeout_s": remaining}), remaining),

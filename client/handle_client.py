@@ -29,15 +29,21 @@ class Sam3HandleClient(SegmentClient):
         retries: int = 3,
         backoff_s: float = 0.25,
         max_backoff_s: float = 4.0,
+        reuse_images: bool = True,
     ):
         """`timeout` is each call's whole wait for the result, retries included (None waits forever).
 
         Segmenting is idempotent, so back-pressure and dead or unavailable replicas are retried `retries` times
         with jittered exponential backoff from `backoff_s` up to `max_backoff_s`; `retries=0` turns that off.
+        With `reuse_images`, a call on an image (the same bytes, the same `model_id`) the service answered
+        before sends only the id it gave the image, saving the vision pass; if the service has evicted the
+        image since, the bytes are sent again within the same `timeout`. A copy pickled into a Ray task starts
+        with no ids.
         """
         super().__init__(
             timeout=timeout,
             retry_policy=RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s),
+            reuse_images=reuse_images,
         )
         self.app_name = app_name
         self._handle: Any = None

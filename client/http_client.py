@@ -54,18 +54,23 @@ class Sam3HttpClient(SegmentClient):
         retries: int = 3,
         backoff_s: float = 0.25,
         max_backoff_s: float = 4.0,
+        reuse_images: bool = True,
         transport: httpx.BaseTransport | None = None,
     ):
         """`timeout` is each call's whole budget, retries included (None waits forever); `transport` is for tests.
 
         Segmenting is idempotent, so 503/429 answers and connection failures are retried `retries` times
         with jittered exponential backoff from `backoff_s` up to `max_backoff_s`; `retries=0` turns that off.
+        With `reuse_images`, a call on an image (the same bytes, the same `model_id`) the service answered
+        before sends only the id it gave the image, saving the upload and the vision pass; if the service has
+        evicted the image since, the bytes are sent again within the same `timeout`.
         """
         self._http = httpx.Client(transport=transport)
         super().__init__(
             timeout=timeout,
             retry_policy=RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s),
             image_http=self._http,
+            reuse_images=reuse_images,
         )
         self.base_url = base_url.rstrip("/") + _normalized_prefix(route_prefix)
         self._api_key = api_key
