@@ -37,11 +37,9 @@ from benchmarks.machine import cpu_name, git_commit
 from client.images import encode_image
 from client.protocol import SEGMENT_PATH, SegmentRequest, SegmentResponse
 from deployments.launch import APP_NAME, free_port, serve_run
+from deployments.profiles import MODEL_POOL
 from tests.conftest import random_image
 from tests.serve.app_runner import replica_stats
-
-MODEL_POOL = "Sam3ModelPool"
-
 
 @dataclass
 class Call:

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from client.errors import (
     AuthenticationError,
     InvalidRequestError,
+    ModelNotFoundError,
     NotFoundError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -193,17 +194,20 @@ class Sam3Ingress:
         Every answer is counted here, and every failure is logged with the request's id, which the error
         carries back to the caller (handle callers get the exception itself, HTTP callers its JSON body).
         """
-        model_tag = request.model_id or self.args.default_model
-        model_tag = model_tag if model_tag in self.args.models else UNKNOWN  # never a new series per unknown id
         try:
-            response = await self._segment(request)
-        except Sam3Error as error:
-            self.record_failure(error, model_tag, request.prompt_type)
+            model_id = self.args.model_id_for(request.model_id)
+        except ModelNotFoundError as error:
+            self.record_failure(error, UNKNOWN, request.prompt_type)  # never a new series per unknown id
             raise
-        self.metrics.observe_answer(model_tag, response)
+        try:
+            response = await self._segment(request, model_id)
+        except Sam3Error as error:
+            self.record_failure(error, model_id, request.prompt_type)
+            raise
+        self.metrics.observe_answer(model_id, response)
         return response
 
-    async def _segment(self, request: SegmentRequest) -> SegmentResponse:
+    async def _segment(self, request: SegmentRequest, model_id: str) -> SegmentResponse:
         """The caller's `timeout_s` becomes a deadline that travels with the request: the model pool drops
         work still queued past it, and here the whole chain is cancelled when it runs out or when the
         caller goes away (a closed HTTP connection cancels this coroutine).
@@ -212,7 +216,6 @@ class Sam3Ingress:
         multiplexing, a model replica that holds that checkpoint.
         """
         started = time.perf_counter()
-        model_id = self.args.model_id_for(request.model_id)
         deadline = time.time() + request.timeout_s if request.timeout_s else None
         in_flight: list[DeploymentResponse] = []
         try:

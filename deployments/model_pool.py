@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from client.errors import ImageNotCachedError, RequestTimeoutError
+from client.errors import RequestTimeoutError
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
@@ -165,9 +165,7 @@ class Sam3ModelPool:
         does not hold that image's features, is answered at once: the caller must send the image.
         """
         loaded = await self._loaded_model(serve.get_multiplexed_model_id() or self._args.default_model)
-        cache = loaded.runner.vision_cache
-        if item.pixels is None and (cache is None or item.image_key not in cache):
-            raise ImageNotCachedError("no replica holds this image's features any more: send the image again")
+        loaded.runner.check_image(item)  # before it joins a batch, which it would fail
         result = await loaded.batcher.submit((item, time.perf_counter()))
         if isinstance(result, Exception):
             raise result

@@ -31,6 +31,8 @@ from deployments.core.vision_cache import ImageFeatures, VisionFeatureCache
 
 logger = logging.getLogger("ray.serve")
 
+IMAGE_NOT_CACHED = "no replica holds this image's features any more: send the image again"
+
 
 @dataclass
 class PreparedItem:
@@ -129,8 +131,8 @@ class Sam3Runner:
         cache is the very tensor a miss computed, so an answer from the cache equals the answer without it.
         """
         if self.vision_cache is None:
-            if any(item.pixels is None for item in items):
-                raise ImageNotCachedError("this service keeps no vision features (vision_cache_bytes is 0): send the image")
+            for item in items:
+                self.check_image(item)
             return self._encode([item.pixels for item in items])
         sources: dict[str | int, int] = {}  # an image key, or the item's index when it has none -> image
         slots = [sources.setdefault(item.image_key or index, len(sources)) for index, item in enumerate(items)]
@@ -146,8 +148,8 @@ class Sam3Runner:
         missing = [slot for slot, features in enumerate(images) if features is None]
         if missing:
             for slot in missing:
-                if carriers[slot].pixels is None:
-                    raise ImageNotCachedError("this replica no longer holds the image's features: send the image")
+                if carriers[slot].pixels is None:  # evicted since `check_image` let it in
+                    raise ImageNotCachedError(IMAGE_NOT_CACHED)
             encoded = self._encode([carriers[slot].pixels for slot in missing])
             for row, slot in enumerate(missing):
                 features = ImageFeatures(
@@ -165,6 +167,11 @@ class Sam3Runner:
             ),
             fpn_position_encoding=tuple(level.expand(len(items), *level.shape[1:]) for level in self._position_encoding),
         )
+
+    def check_image(self, item: PreparedItem) -> None:
+        """An item that names its image by id alone can only be answered where the image's features are."""
+        if item.pixels is None and (self.vision_cache is None or item.image_key not in self.vision_cache):
+            raise ImageNotCachedError(IMAGE_NOT_CACHED)
 
     def _encode(self, pixels: list[np.ndarray]) -> Sam3VisionEncoderOutput:
         """The ViT and the FPN neck over a stack of model-ready images."""
