@@ -69,6 +69,12 @@ class SegmentRequest(WireModel):
     score_threshold: float | None = Field(
         None, gt=0, lt=1, description="Keep concept instances scoring above it (default: the service's, 0.5)."
     )
+    max_instances: int | None = Field(
+        None,
+        ge=1,
+        description="Return at most this many concept instances, the highest scoring (after `score_threshold`); "
+        "the union mask covers the ones returned. None: every instance above the threshold.",
+    )
     return_detections: bool = Field(
         True, description="False returns only the union mask (what `run()` needs), not the instances."
     )
