@@ -68,6 +68,7 @@ def segment_request(
     prompts: Coordinates | None = None,
     box_sets: BoxSets | None = None,
     score_threshold: float | None = None,
+    max_instances: int | None = None,
     return_detections: bool = True,
     http: httpx.Client | None = None,
 ) -> SegmentRequest:
@@ -83,6 +84,7 @@ def segment_request(
         prompts=prompts,
         box_sets=box_sets,
         score_threshold=score_threshold,
+        max_instances=max_instances,
         return_detections=return_detections,
     )
     return with_image(request, image_input, http=http)
@@ -100,6 +102,7 @@ def prompt_request(
     prompts: Coordinates | None = None,
     box_sets: BoxSets | None = None,
     score_threshold: float | None = None,
+    max_instances: int | None = None,
     return_detections: bool = True,
 ) -> SegmentRequest:
     """Every check but the image's, with an empty image: bulk calls check their one prompt once, then `with_image`."""
@@ -118,6 +121,7 @@ def prompt_request(
             labels=labels,
             box_sets=box_sets,
             score_threshold=score_threshold,
+            max_instances=max_instances,
             return_detections=return_detections,
             timeout_s=timeout,
             model_id=model_id,
@@ -186,11 +190,13 @@ class SegmentClient(ABC):
         prompts: Coordinates | None = None,
         box_sets: BoxSets | None = None,
         score_threshold: float | None = None,
+        max_instances: int | None = None,
     ) -> np.ndarray:
         """The union mask (H, W) uint8, 255 = foreground; asks the server for no per-instance masks.
 
         `text` may be a list of concepts and `box_sets` several exemplar sets (one vision pass for all);
-        `score_threshold` replaces the service's (0.5) for this call.
+        `score_threshold` replaces the service's (0.5) for this call; `max_instances` keeps only that many
+        concept instances, the highest scoring (after the threshold), and the union covers only those.
         """
         timeout = self._timeout_for(timeout)
         request = segment_request(
@@ -205,6 +211,7 @@ class SegmentClient(ABC):
             prompts=prompts,
             box_sets=box_sets,
             score_threshold=score_threshold,
+            max_instances=max_instances,
             return_detections=False,
             http=self._image_http,
         )
@@ -224,6 +231,7 @@ class SegmentClient(ABC):
         prompts: Coordinates | None = None,
         box_sets: BoxSets | None = None,
         score_threshold: float | None = None,
+        max_instances: int | None = None,
     ) -> dict[str, Any]:
         """`union_mask`, `boxes`, `scores` (descending), `masks` and `labels` (the prompt each answers);
         point prompts give empty lists."""
@@ -240,6 +248,7 @@ class SegmentClient(ABC):
             prompts=prompts,
             box_sets=box_sets,
             score_threshold=score_threshold,
+            max_instances=max_instances,
             return_detections=True,
             http=self._image_http,
         )
@@ -271,6 +280,7 @@ class SegmentClient(ABC):
         prompts: Coordinates | None = None,
         box_sets: BoxSets | None = None,
         score_threshold: float | None = None,
+        max_instances: int | None = None,
         concurrency: int = 8,
     ) -> list[np.ndarray | Sam3Error]:
         """`run()` for every image with one prompt, `concurrency` images in flight; results in input order.
@@ -296,6 +306,7 @@ class SegmentClient(ABC):
             prompts=prompts,
             box_sets=box_sets,
             score_threshold=score_threshold,
+            max_instances=max_instances,
             return_detections=False,
         )
         return self._run_many(images, request, union_mask, concurrency)
@@ -314,6 +325,7 @@ class SegmentClient(ABC):
         prompts: Coordinates | None = None,
         box_sets: BoxSets | None = None,
         score_threshold: float | None = None,
+        max_instances: int | None = None,
         concurrency: int = 8,
     ) -> list[dict[str, Any] | Sam3Error]:
         """`run_with_detections()` for every image, as `run_many()` does `run()`."""
@@ -329,6 +341,7 @@ class SegmentClient(ABC):
             prompts=prompts,
             box_sets=box_sets,
             score_threshold=score_threshold,
+            max_instances=max_instances,
             return_detections=True,
         )
         return self._run_many(images, request, detections, concurrency)
