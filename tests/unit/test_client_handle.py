@@ -137,6 +137,13 @@ def test_run_with_detections(client, handle):
     np.testing.assert_array_equal(result["masks"][0], MASK)
 
 
+def test_max_instances_travels_in_the_request_object(client, handle):
+    client.run_with_detections(IMAGE, text="cat", max_instances=2)
+    client.run(IMAGE, text="cat", max_instances=1)
+    client.run(IMAGE, text="cat")
+    assert [request.max_instances for request in handle.requests] == [2, 1, None]
+
+
 def test_the_handle_is_looked_up_once_and_lazily(lookups):
     client = Sam3HandleClient()
     assert lookups == []
@@ -160,6 +167,8 @@ def test_per_call_timeout_overrides_the_default(lookups, handle):
         ({"points": [[1, 2]], "prompts": [[1, 2]], "labels": [1]}, InvalidPromptError),
         ({"points": [[1, 2]], "labels": [1, 0]}, InvalidPromptError),
         ({"text": "cat", "model_id": ""}, InvalidRequestError),
+        ({"text": "cat", "max_instances": 0}, InvalidPromptError),
+        ({"text": "cat", "max_instances": -1}, InvalidPromptError),
         ({"image_input": np.zeros((3, 5), np.int16), "text": "cat"}, InvalidImageError),
     ],
 )

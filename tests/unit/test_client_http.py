@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -545,6 +546,9 @@ def test_bad_images_are_refused(client, service, image_input, message):
         ({"text": ["cat", ""]}, "non-empty string"),
         ({"text": []}, "non-empty string or a non-empty list"),
         ({"text": "cat", "score_threshold": 1.5}, "invalid prompt: score_threshold"),
+        ({"text": "cat", "max_instances": 0}, "invalid prompt: max_instances: .*greater than or equal to 1"),
+        ({"text": "cat", "max_instances": -1}, "invalid prompt: max_instances: .*greater than or equal to 1"),
+        ({"text": "cat", "max_instances": 2.5}, "invalid prompt: max_instances: .*valid integer"),
         ({"box_sets": [([[0, 0, 1, 1]], [1, 1])]}, "one entry per box"),
         ({"box_sets": [([[0, 0, 1, 1]], [1])], "labels": [1]}, "labels go inside each box set"),
         ({"box_sets": [([[0, 0, 1, 1]], [1])], "text": "cat"}, "exactly one prompt type"),
@@ -587,6 +591,29 @@ def test_several_texts_box_sets_and_a_threshold_travel_as_given(client, service,
         ([[0, 0, 3, 4]], [1]),
         ([[1, 1, 2, 2]], [0]),
     ]
+
+
+@pytest.mark.parametrize("method", ["run", "run_with_detections"])
+def test_max_instances_goes_on_the_wire_and_none_sends_null(client, service, image_file, method):
+    getattr(client, method)(image_file, text="cat", max_instances=2)
+    getattr(client, method)(image_file, text="cat")
+    limited, unlimited = (json.loads(request.content) for request in service.api_requests)
+    assert limited["max_instances"] == 2
+    assert unlimited["max_instances"] is None, "the service's default: every instance above the threshold"
+
+
+def test_run_many_sends_max_instances_with_every_image(client, service, image_file):
+    client.run_many_with_detections([image_file, np.zeros((4, 6, 3), np.uint8)], text="cat", max_instances=3, concurrency=1)
+    client.run_many([image_file], text="cat", max_instances=1)
+    sent = [SegmentRequest.model_validate_json(request.content) for request in service.api_requests]
+    assert [request.max_instances for request in sent] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("method", ["run_many", "run_many_with_detections"])
+def test_run_many_refuses_a_bad_max_instances_before_reading_an_image(client, service, method):
+    with pytest.raises(InvalidPromptError, match="max_instances"):
+        getattr(client, method)(["missing.png"], text="cat", max_instances=0)
+    assert service.requests == []
 
 
 # Request ids and model ids

@@ -153,6 +153,7 @@ def pulled_from(items: list, pulled: list) -> Iterator:
         {"text": "cat", "points": [[1, 2]], "labels": [1]},
         {"boxes": [[0, 0, 2, 2]]},
         {"text": "cat", "score_threshold": 1.5},  # refused by the wire model, not the client's own checks
+        {"text": "cat", "max_instances": 0},  # the wire model too
         {"text": "cat", "model_id": ""},
         {"text": "cat", "timeout": 0},
     ],
