@@ -603,7 +603,8 @@ def test_max_instances_goes_on_the_wire_and_none_sends_null(client, service, ima
 
 
 def test_run_many_sends_max_instances_with_every_image(client, service, image_file):
-    client.run_many_with_detections([image_file, np.zeros((4, 6, 3), np.uint8)], text="cat", max_instances=3, concurrency=1)
+    images = [image_file, np.zeros((4, 6, 3), np.uint8)]
+    client.run_many_with_detections(images, text="cat", max_instances=3, concurrency=1)
     client.run_many([image_file], text="cat", max_instances=1)
     sent = [SegmentRequest.model_validate_json(request.content) for request in service.api_requests]
     assert [request.max_instances for request in sent] == [3, 3, 1]
