@@ -20,6 +20,11 @@ class JobConfig(BaseModel):
     prompt: str | None = Field(None, description="One prompt for every image, as JSON (text, points or boxes).")
     prompt_column: str | None = Field(None, description="The table column holding each row's prompt.")
     image_column: str = Field("image", description="The table column holding each row's image path or URL.")
+    max_instances: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most this many concept instances per row, the highest scoring (none: all above the threshold).",
+    )
     coco_json: Path | None = Field(None, description="Also write a COCO results file here.")
     app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
     config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")

@@ -17,16 +17,23 @@ from pipelines.rows import segment_rows
 
 
 class ServiceSegmenter:
-    def __init__(self, app_name: str, max_in_flight: int, timeout_s: float, retries: int):
+    def __init__(
+        self, app_name: str, max_in_flight: int, timeout_s: float, retries: int, max_instances: int | None = None
+    ):
         """Replica restarts and 503s are retried by the client with backoff; a row that still fails is
         written with its error and redone by the next run."""
         self.client = Sam3HandleClient(app_name, timeout=timeout_s, retries=retries, max_backoff_s=10.0)
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
+        self.max_instances = max_instances
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return segment_rows(
-            batch["image"].to_pylist(), batch["prompt"].to_pylist(), self._answer, timeout_s=self.timeout_s
+            batch["image"].to_pylist(),
+            batch["prompt"].to_pylist(),
+            self._answer,
+            timeout_s=self.timeout_s,
+            max_instances=self.max_instances,
         )
 
     def _answer(self, requests):
@@ -34,7 +41,7 @@ class ServiceSegmenter:
 
 
 class PipelineSegmenter:
-    def __init__(self, args: AppArgs):
+    def __init__(self, args: AppArgs, max_instances: int | None = None):
         """The application's own `args` (checkpoint, thresholds, limits), so both engines answer alike."""
         import torch
 
@@ -50,8 +57,13 @@ class PipelineSegmenter:
             max_image_pixels=args.max_image_pixels,
             max_prompt_items=args.max_prompt_items,
         )
+        self.max_instances = max_instances
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return segment_rows(
-            batch["image"].to_pylist(), batch["prompt"].to_pylist(), self.pipeline.answer, timeout_s=None
+            batch["image"].to_pylist(),
+            batch["prompt"].to_pylist(),
+            self.pipeline.answer,
+            timeout_s=None,
+            max_instances=self.max_instances,
         )

@@ -88,10 +88,14 @@ def _row_key(image: str, prompt: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def build_request(image: str, prompt: str, *, timeout_s: float | None) -> SegmentRequest:
+def build_request(
+    image: str, prompt: str, *, timeout_s: float | None, max_instances: int | None = None
+) -> SegmentRequest:
     """The request a client would send: the same prompt checks and the same image reading (typed errors).
     Paths and http(s) URLs are read as the clients read them; other URIs (s3://, gs://, file://) by pyarrow."""
-    request = prompt_request(**parse_prompt(prompt), timeout=timeout_s, return_detections=True)
+    request = prompt_request(
+        **parse_prompt(prompt), timeout=timeout_s, max_instances=max_instances, return_detections=True
+    )
     return with_image(request, read_uri(image) if _is_storage_uri(image) else image, http=None)
 
 
@@ -108,13 +112,21 @@ def _is_storage_uri(image: str) -> bool:
     return "://" in image and not image.lower().startswith(("http://", "https://"))
 
 
-def segment_rows(images: Sequence[str], prompts: Sequence[str], answer: Answer, *, timeout_s: float | None) -> pa.Table:
+def segment_rows(
+    images: Sequence[str],
+    prompts: Sequence[str],
+    answer: Answer,
+    *,
+    timeout_s: float | None,
+    max_instances: int | None = None,
+) -> pa.Table:
     """Output rows for a batch of (image, prompt): requests that cannot be built fail alone, the rest are
-    answered together (by the live service or an in-process pipeline)."""
+    answered together (by the live service or an in-process pipeline). Every request asks for at most
+    `max_instances` instances (None: all above the threshold)."""
     built: list[SegmentRequest | Exception] = []
     for image, prompt in zip(images, prompts):
         try:
-            built.append(build_request(image, prompt, timeout_s=timeout_s))
+            built.append(build_request(image, prompt, timeout_s=timeout_s, max_instances=max_instances))
         except Exception as error:  # a row fails alone, whatever fails: not only the clients' typed errors
             built.append(error)
     requests = [request for request in built if isinstance(request, SegmentRequest)]

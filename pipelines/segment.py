@@ -193,6 +193,7 @@ def segment_stage(rows: Dataset, config: JobConfig) -> Dataset:
                 "max_in_flight": config.max_in_flight,
                 "timeout_s": config.timeout_s,
                 "retries": config.retries,
+                "max_instances": config.max_instances,
             },
             compute=ActorPoolStrategy(size=config.workers),
             **common,
@@ -201,7 +202,7 @@ def segment_stage(rows: Dataset, config: JobConfig) -> Dataset:
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     return rows.map_batches(
         PipelineSegmenter,
-        fn_constructor_kwargs={"args": args},
+        fn_constructor_kwargs={"args": args, "max_instances": config.max_instances},
         compute=ActorPoolStrategy(min_size=1, max_size=min(config.workers, gpus) if gpus else config.workers),
         num_gpus=1 if gpus else 0,
         **common,
