@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +29,10 @@ from client.errors import (
 )
 from client.protocol import SegmentRequest, SegmentResponse
 from client.rle import encode_mask, encode_masks
+from deployments.config import AppArgs
 from pipelines import segment as segment_module
 from pipelines.coco import categories_path, write_coco_results
+from pipelines.engines import PipelineSegmenter, ServiceSegmenter
 from pipelines.output import prepare_output, summarize
 from pipelines.rows import OUTPUT_SCHEMA, build_request, canonical_prompt, parse_prompt, row_keys, segment_rows
 from pipelines.segment import drop_done, list_images, table_rows
@@ -612,3 +615,72 @@ def test_storage_uris_are_read_through_pyarrow(tmp_path):
     assert request.image == Path(path).read_bytes()
     with pytest.raises(InvalidImageError, match="cannot read image"):
         build_request((tmp_path / "missing.png").as_uri(), CAT, timeout_s=None)
+
+
+# ---- 7. the job's options ------------------------------------------------------------------------------
+
+JOB_ARGS = ["--input", "/data/photos", "--output", "/data/masks", "--text", "cat"]
+
+
+@pytest.mark.parametrize("via", ["service", "actors"])
+def test_max_instances_is_an_option_of_the_job(via):
+    assert segment_module.parse_args([*JOB_ARGS, "--via", via, "--max-instances", "3"]).max_instances == 3
+    assert segment_module.parse_args([*JOB_ARGS, "--via", via]).max_instances is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
+def test_a_max_instances_below_1_or_not_an_integer_stops_the_job_before_it_starts(value, capsys):
+    with pytest.raises(SystemExit):
+        segment_module.parse_args([*JOB_ARGS, "--via", "service", "--max-instances", value])
+    assert "max_instances" in capsys.readouterr().err
+
+
+def test_every_request_of_a_batch_asks_for_max_instances(tmp_path):
+    image = write_png(tmp_path / "a.png")
+    prompts = [CAT, POINT, canonical_prompt({"boxes": [[1, 2, 8, 9]], "labels": [1]})]
+    fake = FakeAnswer()
+    segment_rows([image] * 3, prompts, fake, timeout_s=None, max_instances=2)
+    assert [request.max_instances for request in fake.requests] == [2, 2, 2]
+    segment_rows([image], [CAT], fake, timeout_s=None)
+    assert fake.requests[-1].max_instances is None
+    assert build_request(image, CAT, timeout_s=None, max_instances=5).max_instances == 5
+
+
+class FakeDataset:
+    """What `segment_stage` does with the rows: it records the one `map_batches` call."""
+
+    def map_batches(self, fn, **kwargs):
+        self.fn, self.kwargs = fn, kwargs
+        return self
+
+
+@pytest.mark.parametrize("via", ["service", "actors"])
+def test_both_engines_are_given_max_instances(monkeypatch, via):
+    monkeypatch.setattr(segment_module, "_check_application", lambda app_name: None)
+    monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
+    config = segment_module.parse_args([*JOB_ARGS, "--via", via, "--max-instances", "4"])
+    rows = FakeDataset()
+    segment_module.segment_stage(rows, config)
+    assert rows.fn is (ServiceSegmenter if via == "service" else PipelineSegmenter)
+    assert rows.kwargs["fn_constructor_kwargs"]["max_instances"] == 4
+
+
+def test_the_service_engine_sends_max_instances_with_every_row(tmp_path):
+    segmenter = ServiceSegmenter("sam3", max_in_flight=2, timeout_s=30.0, retries=0, max_instances=2)
+    fake = FakeAnswer()
+    segmenter.client = SimpleNamespace(segment_many=lambda requests, concurrency: fake(requests))
+    image = write_png(tmp_path / "a.png")
+    table = segmenter(pa.table({"image": [image, image], "prompt": [CAT, POINT]}))
+    assert table["error_code"].to_pylist() == [None, None]
+    assert [request.max_instances for request in fake.requests] == [2, 2]
+
+
+def test_the_actors_engine_sends_max_instances_with_every_row(monkeypatch, tmp_path):
+    """The actors engine's model is replaced by a fake pipeline whose `answer` records the requests."""
+    fake = FakeAnswer()
+    monkeypatch.setattr("deployments.core.checkpoint.load_sam3", lambda *args: None)
+    monkeypatch.setattr("deployments.core.pipeline.Sam3Pipeline", lambda models, **limits: SimpleNamespace(answer=fake))
+    segmenter = PipelineSegmenter(AppArgs(device="cpu"), max_instances=3)
+    image = write_png(tmp_path / "a.png")
+    segmenter(pa.table({"image": [image], "prompt": [CAT]}))
+    assert [request.max_instances for request in fake.requests] == [3]
