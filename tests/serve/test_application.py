@@ -215,6 +215,24 @@ def test_several_texts_with_a_threshold_through_both_clients(http_client, handle
         np.testing.assert_array_equal(client.run(image_input=IMAGE, text=texts, score_threshold=0.3), expected.union_mask)
 
 
+def test_max_instances_returns_the_top_scoring_instances_and_their_union(http_client):
+    """The same text prompt with and without `max_instances=2`: the limited answer is the first two instances
+    of the unlimited one, still sorted by score, and its union covers those two only."""
+    unlimited = http_client.run_with_detections(IMAGE, text="a red car")
+    limited = http_client.run_with_detections(IMAGE, text="a red car", max_instances=2)
+    count = len(unlimited["scores"])
+    assert count > 2, "more instances than the limit, or the test says little"
+    assert len(limited["scores"]) == len(limited["boxes"]) == len(limited["masks"]) == min(2, count)
+    assert limited["scores"] == unlimited["scores"][:2]
+    assert limited["scores"] == sorted(limited["scores"], reverse=True)
+    assert limited["boxes"] == unlimited["boxes"][:2]
+    assert limited["labels"] == unlimited["labels"][:2]
+    for kept, first in zip(limited["masks"], unlimited["masks"][:2], strict=True):
+        np.testing.assert_array_equal(kept, first)
+    np.testing.assert_array_equal(limited["union_mask"], np.maximum.reduce(limited["masks"]))
+    np.testing.assert_array_equal(http_client.run(IMAGE, text="a red car", max_instances=2), limited["union_mask"])
+
+
 def test_answers_carry_their_time_per_stage(app_url):
     """In the body (`timings_ms`) and as a `Server-Timing` header, which browser tools show."""
     body = SegmentRequest(image=png_bytes(), text="cat", return_detections=False)
