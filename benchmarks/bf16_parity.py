@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ import torch
 from deployments.core.checkpoint import Sam3Models, load_sam3
 from deployments.core.masks import concept_masks_to_uint8, tracker_masks_to_uint8
 from deployments.core.pipeline import prepare_item
-from deployments.core.runner import ConceptOutput, PreparedItem, RawOutput, Sam3Runner
+from deployments.core.postprocess import ConceptOutput, RawOutput
+from deployments.core.runner import PreparedItem, Sam3Runner
 from deployments.core.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import random_image
 
@@ -131,7 +133,17 @@ def _run_slots(runner: Sam3Runner, item: PreparedItem, slots: list[int]) -> dict
         return {}
     prompts = [item.prompts[slot] for slot in slots]
     subset = PreparedItem(pixels=item.pixels, original_size=item.original_size, prompts=prompts)
-    return dict(zip(slots, runner.run([subset])[0]))
+    return {slot: _on_host(output) for slot, output in zip(slots, runner.forward([subset])[0])}
+
+
+def _on_host(output: RawOutput) -> RawOutput:
+    """The raw output's tensors as float32 numpy arrays, off the device."""
+    tensors = {
+        member.name: getattr(output, member.name).float().cpu().numpy()
+        for member in dataclasses.fields(output)
+        if isinstance(getattr(output, member.name), torch.Tensor)
+    }
+    return dataclasses.replace(output, **tensors)
 
 
 def compare(reference: RawOutput, candidate: RawOutput, original_size: tuple[int, int]) -> Agreement:
@@ -141,7 +153,7 @@ def compare(reference: RawOutput, candidate: RawOutput, original_size: tuple[int
             tracker_masks_to_uint8(torch.tensor(out.mask_logits), height, width, chunk_size=1)[0]
             for out in (reference, candidate)
         ]
-        score_diff = abs(reference.iou_score - candidate.iou_score)
+        score_diff = float(abs(reference.iou_score - candidate.iou_score))
         return Agreement(instances=1, ious=[_iou(*masks)], max_score_diff=score_diff)
     kept = reference.scores > SCORE_THRESHOLD
     masks = [

@@ -28,8 +28,10 @@ class AppArgs(BaseModel):
         2, ge=1, description="Checkpoints a model replica holds at once; past it the least recently used is unloaded."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica has a GPU.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Model weights and activations; float32 is what parity is checked in."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Model weights and activations. auto: bfloat16 on a GPU (about 3x float32's speed there, within "
+        "the bound the README states), float32 on a CPU (where bit-for-bit parity with transformers is checked).",
     )
     score_threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="Concept instances kept above it, unless a request sets its own."
@@ -37,7 +39,8 @@ class AppArgs(BaseModel):
     mask_chunk_pixels: int = Field(
         16_000_000,
         ge=1,
-        description="Full-size mask pixels made at once: bounds post-processing memory (about 6 bytes each).",
+        description="Full-size mask pixels made at once, on the model's device in the model replica and again when "
+        "the postprocessor encodes them: bounds the memory of finishing masks (about 6 bytes each).",
     )
     torch_threads: int | None = Field(
         None,

@@ -245,7 +245,7 @@ class Sam3Ingress:
         in_flight.append(prepare)
         prepared = await prepare
         result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=prepared.image_key)
-        final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
+        final = self.postprocessor.finish.remote(result, request.prompt_type)
         in_flight += [result, final]
         return await final
 

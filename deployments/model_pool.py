@@ -25,7 +25,8 @@ from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
 from deployments.core.pipeline import prepare_item
-from deployments.core.runner import PreparedItem, RawOutput, Sam3Runner, run_isolating_failures
+from deployments.core.postprocess import PackedSegmentation
+from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
 from deployments.metrics import ModelPoolMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -33,10 +34,9 @@ logger = logging.getLogger("ray.serve")
 
 @dataclasses.dataclass
 class ModelResult:
-    """Raw outputs for one request, with what the postprocessor needs to finish it."""
+    """One request's answer with its masks bit-packed, and what the postprocessor needs to encode it."""
 
-    original_size: tuple[int, int]
-    outputs: list[RawOutput]
+    segmentation: PackedSegmentation
     timings_ms: dict[str, float]
     image_key: str | None  # the image's id, which the answer gives the caller for follow-up prompts
 
@@ -114,7 +114,11 @@ class Sam3ModelPool:
         started = time.perf_counter()
         models = load_sam3(args.models[model_id], resolve_device(args.device), args.dtype)
         runner = Sam3Runner(
-            models, args.score_threshold, text_cache_size=args.text_cache_size, vision_cache_bytes=args.vision_cache_bytes
+            models,
+            args.score_threshold,
+            text_cache_size=args.text_cache_size,
+            vision_cache_bytes=args.vision_cache_bytes,
+            mask_chunk_pixels=args.mask_chunk_pixels,
         )
         batcher = ContinuousBatcher(
             lambda queued: self._run_batch(model_id, runner, queued), max_batch_size=self._batch_config.max_batch_size
@@ -205,7 +209,7 @@ class Sam3ModelPool:
         return [
             result
             if isinstance(result, Exception)
-            else ModelResult(item.original_size, result, dict(item.timings_ms), item.image_key)
+            else ModelResult(result, dict(item.timings_ms), item.image_key)
             for item, result in zip(items, outputs)
         ]
 

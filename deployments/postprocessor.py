@@ -1,4 +1,4 @@
-"""The CPU postprocessor: sorted instances, pixel boxes, full-size masks and their union, as the wire format."""
+"""The CPU postprocessor: the model replica's finished answer (bit-packed masks) in the wire format (COCO RLE)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ class Sam3Postprocessor:
     def __init__(self, args: AppArgs):
         self.mask_chunk_pixels = args.mask_chunk_pixels
 
-    def _finish(self, result: ModelResult, prompt_type: PromptType, return_detections: bool) -> SegmentResponse:
+    def _finish(self, result: ModelResult, prompt_type: PromptType) -> SegmentResponse:
         started = time.perf_counter()
-        segmentation = encode_segmentation(
-            result.outputs, result.original_size, self.mask_chunk_pixels, with_instances=return_detections
-        )
+        segmentation = encode_segmentation(result.segmentation, self.mask_chunk_pixels)
         timings_ms = {**result.timings_ms, "postprocess": (time.perf_counter() - started) * 1000}
         return to_response(segmentation, prompt_type, timings_ms, image_id=result.image_key)
 
-    async def finish(self, result: ModelResult, prompt_type: PromptType, return_detections: bool) -> SegmentResponse:
-        """Upsampling and RLE encoding are CPU-bound: run them off the replica's event loop."""
-        return await asyncio.to_thread(self._finish, result, prompt_type, return_detections)
+    async def finish(self, result: ModelResult, prompt_type: PromptType) -> SegmentResponse:
+        """RLE encoding is CPU-bound: run it off the replica's event loop."""
+        return await asyncio.to_thread(self._finish, result, prompt_type)

@@ -84,10 +84,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 on a GPU, where it runs about 3x float32; float32 elsewhere (CPUs without bf16 units)."""
+    if dtype == "auto":
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return dtype
+
+
 def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> Sam3Models:
     """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode."""
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     if is_tiny_checkpoint(checkpoint):
         logger.warning("%s is a tiny random-weight test checkpoint: its masks are meaningless", checkpoint)

@@ -1,9 +1,11 @@
-"""Post-processing of SAM 3 model outputs into scores, pixel boxes and uint8 masks.
+"""Post-processing of SAM 3 model outputs into scores, pixel boxes and binary masks.
 
 Pure torch/numpy functions that reproduce, bit for bit, what transformers does in
 ``Sam3ImageProcessor.post_process_instance_segmentation`` (concept / text prompts) and
 ``Sam3ImageProcessor.post_process_masks`` (tracker / point prompts), except that the
-full-resolution masks are produced a few at a time so that memory stays bounded.
+full-resolution masks are produced a few at a time so that memory stays bounded. They run on
+whatever device their inputs are on: the model replica runs them on its GPU, so only bit-packed
+masks leave it (`pack_masks`, one bit per pixel, 1/32 of float32 logits at full size).
 """
 
 from collections.abc import Callable, Iterator
@@ -81,14 +83,14 @@ def _binary_chunks(
         resized = F.interpolate(
             chunk.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False
         ).squeeze(0)
-        yield (resized > threshold).cpu()
+        yield resized > threshold
 
 
 def _stack_uint8(chunks: Iterator[torch.Tensor], count: int, height: int, width: int) -> np.ndarray:
     out = np.zeros((count, height, width), dtype=np.uint8)
     start = 0
     for binary in chunks:
-        out[start : start + binary.shape[0]] = binary.numpy()
+        out[start : start + binary.shape[0]] = binary.cpu().numpy()
         start += binary.shape[0]
     return np.multiply(out, np.uint8(255), out=out)
 
@@ -103,3 +105,33 @@ def union_mask(masks_uint8: np.ndarray, height: int, width: int) -> np.ndarray:
 def order_by_score_descending(scores: torch.Tensor) -> torch.Tensor:
     """Permutation sorting ``scores`` high to low; stable, so tied scores keep their query order."""
     return torch.sort(scores, descending=True, stable=True).indices
+
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # np.packbits' default ("big") bit order
+
+
+def packed_mask_bytes(height: int, width: int) -> int:
+    """Bytes of one packed (H, W) mask: a bit per pixel, the last byte padded with zeros."""
+    return (height * width + 7) // 8
+
+
+def pack_masks(binary: torch.Tensor) -> torch.Tensor:
+    """Boolean masks [K, H, W] to uint8 [K, ceil(H*W/8)], on their device, pixels in column-major order.
+
+    Column-major is COCO RLE's order: `unpack_masks` gives pycocotools its Fortran (H, W, K) input without a
+    transposing copy. The bit order is `np.packbits`' default, so `np.unpackbits` undoes it.
+    """
+    count, height, width = binary.shape
+    columns = binary.transpose(1, 2).reshape(count, height * width).to(torch.uint8)
+    padding = packed_mask_bytes(height, width) * 8 - height * width
+    if padding:
+        columns = F.pad(columns, (0, padding))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=binary.device)
+    return (columns.view(count, -1, 8) * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_masks(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [K, ceil(H*W/8)] from `pack_masks` to 0/1 uint8 masks as an (H, W, K) Fortran-ordered array."""
+    count = packed.shape[0]
+    bits = np.unpackbits(packed, axis=1, count=height * width)
+    return bits.reshape(count, width, height).transpose(2, 1, 0)

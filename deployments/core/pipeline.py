@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from client.protocol import SegmentRequest, SegmentResponse
 from deployments.core.checkpoint import ModelGeometry, Sam3Models
 from deployments.core.images import ImageSource, decode_image
-from deployments.core.postprocess import Segmentation, build_segmentation, encode_segmentation, to_response
+from deployments.core.postprocess import Segmentation, encode_segmentation, to_response, unpack_segmentation
 from deployments.core.preprocess import resize_to_model
 from deployments.core.prompts import build_prompts
 from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
@@ -31,6 +31,8 @@ def prepare_item(
     labels=None,
     box_sets=None,
     score_threshold: float | None = None,
+    max_instances: int | None = None,
+    return_detections: bool = True,
     max_image_pixels: int | None = None,
     max_prompt_items: int | None = None,
     deadline: float | None = None,
@@ -65,6 +67,8 @@ def prepare_item(
         image_key=image_id,
         deadline=deadline,
         score_threshold=score_threshold,
+        max_instances=max_instances,
+        return_detections=return_detections,
     )
 
 
@@ -91,6 +95,8 @@ def prepare_request(
         labels=request.labels,
         box_sets=request.box_sets,
         score_threshold=request.score_threshold,
+        max_instances=request.max_instances,
+        return_detections=request.return_detections,
         max_image_pixels=max_image_pixels,
         max_prompt_items=max_prompt_items,
         deadline=deadline,
@@ -108,7 +114,7 @@ class Sam3Pipeline:
         max_prompt_items: int | None = None,
     ):
         self.models = models
-        self.runner = Sam3Runner(models, score_threshold)
+        self.runner = Sam3Runner(models, score_threshold, mask_chunk_pixels=mask_chunk_pixels)
         self.mask_chunk_pixels = mask_chunk_pixels
         self.max_image_pixels = max_image_pixels
         self.max_prompt_items = max_prompt_items
@@ -125,10 +131,7 @@ class Sam3Pipeline:
 
     def segment_batch(self, items: list[PreparedItem]) -> list[Segmentation]:
         """One model pass over all items; one segmentation (all of its prompts together) per item."""
-        raw = self.runner.run(items)
-        return [
-            build_segmentation(outputs, item.original_size, self.mask_chunk_pixels) for item, outputs in zip(items, raw)
-        ]
+        return [unpack_segmentation(packed) for packed in self.runner.run(items)]
 
     def segment(self, image: ImageSource, **prompt) -> Segmentation:
         """Segment one image: text=... (one or a list), or points=/boxes= with labels=, or box_sets=[...]."""
@@ -151,10 +154,7 @@ class Sam3Pipeline:
             if isinstance(result, Exception):
                 answers.append(result)
                 continue
-            encoded = encode_segmentation(
-                result, item.original_size, self.mask_chunk_pixels, with_instances=request.return_detections
-            )
-            answers.append(to_response(encoded, request.prompt_type, {}))
+            answers.append(to_response(encode_segmentation(result, self.mask_chunk_pixels), request.prompt_type, {}))
         return answers
 
     def prepare_request(self, request: SegmentRequest) -> PreparedItem:

@@ -1,38 +1,82 @@
 """Raw model outputs to what the API returns: sorted instances, pixel boxes, masks and their union.
 
-All prompts of one request are answered together: concept instances from every text or box set are
-merged and sorted by score (each keeps the index of the prompt it answers), and the union covers them
-all. Full-size masks are made a chunk at a time (a pixel budget, not an instance count), so memory is
-bounded by the chunk: `encode_segmentation` turns each chunk into COCO RLE and drops it, and without
-detections it never keeps a per-instance mask at all.
+Two halves, on either side of the model replica's boundary:
+- `finish_segmentation` runs in the model replica, on the model's device (the GPU on a GPU): the concept
+  instances of all prompts of a request are merged and sorted by score (each keeps the index of the prompt
+  it answers), the request's `max_instances` best are kept, their masks are upsampled to the image's full
+  size and thresholded a chunk at a time (a pixel budget bounds the memory), the union is made, and every
+  mask is bit-packed. What leaves the replica is a `PackedSegmentation`: one bit per pixel (38 kB per
+  640x480 instance), where float32 logits at the model's mask size would be 330 kB.
+- `encode_segmentation` (the postprocessor) turns the packed masks into COCO RLE a chunk at a time;
+  `unpack_segmentation` gives callers in one process uint8 arrays.
+The per-pixel functions are `deployments.core.masks`', the same on CPU and GPU: on CPU the answer is bit
+for bit transformers' post-processing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from client.protocol import PromptType, RleMask, SegmentResponse
-from client.rle import encode_mask, encode_masks
+from client.rle import encode_stacked
 from deployments.core.masks import (
     concept_mask_chunks,
-    concept_masks_to_uint8,
     masks_per_chunk,
     order_by_score_descending,
+    pack_masks,
+    packed_mask_bytes,
     scale_boxes,
     tracker_mask_chunks,
-    tracker_masks_to_uint8,
-    union_mask,
+    unpack_masks,
 )
-from deployments.core.runner import ConceptOutput, PointOutput, RawOutput
+
+
+@dataclass
+class ConceptOutput:
+    """Every query of one concept prompt, on the model's device; those above `score_threshold` are kept."""
+
+    scores: torch.Tensor  # float32 [Q]
+    boxes: torch.Tensor  # float32 [Q, 4], xyxy in [0, 1]
+    mask_logits: torch.Tensor  # [Q, m, m], the model's dtype
+    score_threshold: float
+
+
+@dataclass
+class PointOutput:
+    """The tracker's mask for one point prompt (the best of three for a single point), on the model's device."""
+
+    mask_logits: torch.Tensor  # [1, m, m], the model's dtype
+    iou_score: torch.Tensor  # float32 scalar
+
+
+RawOutput = ConceptOutput | PointOutput
+
+
+@dataclass
+class PackedSegmentation:
+    """One request's answer as it leaves the model replica: host arrays, masks at one bit per pixel.
+
+    Instances are sorted by descending score. A request that wants no instances gets none here, only the union.
+    """
+
+    original_size: tuple[int, int]  # (H, W)
+    scores: np.ndarray  # float32 [K]
+    boxes: np.ndarray  # float32 [K, 4], pixel xyxy
+    labels: np.ndarray  # int64 [K], the prompt each instance answers
+    masks: np.ndarray  # uint8 [K, ceil(H*W/8)], `masks.pack_masks`' layout
+    union_mask: np.ndarray  # uint8 [1, ceil(H*W/8)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in (self.scores, self.boxes, self.labels, self.masks, self.union_mask))
 
 
 @dataclass
 class Segmentation:
-    """The answer to one request. Instances are sorted by descending score; point prompts have none."""
+    """The answer to one request as arrays. Instances are sorted by descending score; point prompts have none."""
 
     union_mask: np.ndarray  # uint8 [H, W], 0 or 255
     masks: np.ndarray  # uint8 [K, H, W], 0 or 255
@@ -52,56 +96,109 @@ class EncodedSegmentation:
     labels: np.ndarray
 
 
-@dataclass
-class _Instances:
-    """Every kept instance of a request's concept prompts, sorted by descending score."""
+def finish_segmentation(
+    outputs: list[RawOutput],
+    original_size: tuple[int, int],
+    *,
+    chunk_pixels: int,
+    max_instances: int | None = None,
+    with_instances: bool = True,
+) -> PackedSegmentation:
+    """One request's raw outputs, on their device, to its packed answer on the host.
 
-    scores: np.ndarray
-    boxes: np.ndarray  # pixel xyxy
-    labels: np.ndarray
-    mask_logits: torch.Tensor
-
-
-def build_segmentation(outputs: list[RawOutput], original_size: tuple[int, int], chunk_pixels: int) -> Segmentation:
-    """Every instance's full-size mask as an array (for callers in one process)."""
+    Two waits for the device: the number of kept instances, and the copy of the finished arrays (into
+    page-locked memory on a GPU, one synchronisation for all of them).
+    """
     height, width = original_size
-    instances = _sorted_instances(outputs, height, width)
+    device = outputs[0].mask_logits.device if outputs else torch.device("cpu")
+    scores, boxes, labels, logits = _ranked_instances(outputs, height, width, max_instances, device)
+    packed = torch.empty((len(scores) if with_instances else 0, packed_mask_bytes(height, width)), dtype=torch.uint8, device=device)
+    union = torch.zeros((height, width), dtype=torch.bool, device=device)
     chunk_size = masks_per_chunk(height, width, chunk_pixels)
-    masks = concept_masks_to_uint8(instances.mask_logits, height, width, chunk_size=chunk_size)
-    union = union_mask(masks, height, width)
+    start = 0
+    for binary in concept_mask_chunks(logits, height, width, chunk_size):
+        union |= binary.any(dim=0)
+        if with_instances:
+            packed[start : start + binary.shape[0]] = pack_masks(binary)
+        start += binary.shape[0]
     for output in outputs:
         if isinstance(output, PointOutput):  # a point prompt's object joins the union, not the instances
-            point_mask = tracker_masks_to_uint8(torch.tensor(output.mask_logits), height, width, chunk_size=1)
-            np.maximum(union, point_mask[0], out=union)
-    return Segmentation(
-        union_mask=union,
-        masks=masks,
-        boxes=instances.boxes,
-        scores=instances.scores,
-        labels=instances.labels,
+            for binary in tracker_mask_chunks(output.mask_logits, height, width, 1):
+                union |= binary[0]
+    if not with_instances:
+        scores, boxes, labels = scores[:0], boxes[:0], labels[:0]
+    host = _to_host([scores, boxes, labels, packed, pack_masks(union[None])])
+    return PackedSegmentation(original_size, *host)
+
+
+def _ranked_instances(
+    outputs: list[RawOutput], height: int, width: int, max_instances: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept concept instances of all prompts, sorted by descending score, the best `max_instances`.
+
+    Queries under their prompt's threshold rank last (-inf), so one stable sort over every query gives the
+    kept ones in score order, ties in prompt then query order: what sorting the kept ones alone gives.
+    """
+    concepts = [(label, output) for label, output in enumerate(outputs) if isinstance(output, ConceptOutput)]
+    if not concepts:
+        return (
+            torch.zeros((0,), dtype=torch.float32, device=device),
+            torch.zeros((0, 4), dtype=torch.float32, device=device),
+            torch.zeros((0,), dtype=torch.int64, device=device),
+            torch.zeros((0, 1, 1), dtype=torch.float32, device=device),
+        )
+    scores = torch.cat([output.scores for _, output in concepts])
+    kept = torch.cat([output.scores > output.score_threshold for _, output in concepts])
+    order = order_by_score_descending(torch.where(kept, scores, float("-inf")))
+    count = int(kept.sum())
+    if max_instances is not None:
+        count = min(count, max_instances)
+    top = order[:count]
+    labels = torch.cat(
+        [torch.full((len(output.scores),), label, dtype=torch.int64, device=device) for label, output in concepts]
+    )
+    boxes = torch.cat([output.boxes for _, output in concepts])
+    logits = torch.cat([output.mask_logits for _, output in concepts])
+    return scores[top], scale_boxes(boxes[top], height, width), labels[top], logits[top]
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Device tensors to numpy: on a GPU, copies into page-locked memory and one wait for all of them."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [tensor.cpu().numpy() for tensor in tensors]
+    host = [torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for tensor in tensors]
+    for target, tensor in zip(host, tensors):
+        target.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [target.numpy() for target in host]
+
+
+def encode_segmentation(packed: PackedSegmentation, chunk_pixels: int) -> EncodedSegmentation:
+    """The wire form: each chunk of masks unpacked, encoded as RLE and dropped, so memory stays bounded."""
+    height, width = packed.original_size
+    chunk_size = masks_per_chunk(height, width, chunk_pixels)
+    masks: list[RleMask] = []
+    for start in range(0, len(packed.masks), chunk_size):
+        masks.extend(encode_stacked(unpack_masks(packed.masks[start : start + chunk_size], height, width)))
+    (union,) = encode_stacked(unpack_masks(packed.union_mask, height, width))
+    return EncodedSegmentation(
+        union_mask=union, masks=masks, boxes=packed.boxes, scores=packed.scores, labels=packed.labels
     )
 
 
-def encode_segmentation(
-    outputs: list[RawOutput], original_size: tuple[int, int], chunk_pixels: int, *, with_instances: bool
-) -> EncodedSegmentation:
-    """The wire form, streamed: each chunk of masks is OR'd into the union, encoded if wanted, dropped."""
-    height, width = original_size
-    instances = _sorted_instances(outputs, height, width)
-    union = torch.zeros((height, width), dtype=torch.bool)
-    masks: list[RleMask] = []
-    for binary in _mask_chunks(outputs, instances, height, width, chunk_pixels):
-        union |= binary.any(dim=0)
-        if with_instances and len(masks) < len(instances.scores):  # a point prompt's object: union only
-            masks.extend(encode_masks(binary.numpy()))
-    if not with_instances:
-        instances = _sorted_instances([], height, width)
-    return EncodedSegmentation(
-        union_mask=encode_mask(union.numpy()),
-        masks=masks,
-        boxes=instances.boxes,
-        scores=instances.scores,
-        labels=instances.labels,
+def unpack_segmentation(packed: PackedSegmentation) -> Segmentation:
+    """Every mask as a uint8 0/255 array (for callers in one process)."""
+    height, width = packed.original_size
+
+    def to_uint8(masks: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(unpack_masks(masks, height, width).transpose(2, 0, 1)) * np.uint8(255)
+
+    return Segmentation(
+        union_mask=to_uint8(packed.union_mask)[0],
+        masks=to_uint8(packed.masks),
+        boxes=packed.boxes,
+        scores=packed.scores,
+        labels=packed.labels,
     )
 
 
@@ -125,38 +222,3 @@ def to_response(
         timings_ms=timings_ms,
         image_id=image_id,
     )
-
-
-def _sorted_instances(outputs: list[RawOutput], height: int, width: int) -> _Instances:
-    """Concept instances of all prompts, merged and sorted; a stable sort keeps prompt then query order on ties."""
-    concepts = [(label, output) for label, output in enumerate(outputs) if isinstance(output, ConceptOutput)]
-    if not concepts:
-        return _Instances(
-            scores=np.zeros((0,), dtype=np.float32),
-            boxes=np.zeros((0, 4), dtype=np.float32),
-            labels=np.zeros((0,), dtype=np.int64),
-            mask_logits=torch.zeros((0, 1, 1)),
-        )
-    # Outputs may arrive as read-only arrays from Ray's object store: tensors are made from copies.
-    scores = torch.tensor(np.concatenate([output.scores for _, output in concepts]))
-    order = order_by_score_descending(scores)
-    boxes = torch.tensor(np.concatenate([output.boxes for _, output in concepts]))
-    labels = np.concatenate([np.full(len(output.scores), label, dtype=np.int64) for label, output in concepts])
-    logits = torch.tensor(np.concatenate([output.mask_logits for _, output in concepts]))
-    return _Instances(
-        scores=scores[order].numpy(),
-        boxes=scale_boxes(boxes[order], height, width).numpy(),
-        labels=labels[order.numpy()],
-        mask_logits=logits[order],
-    )
-
-
-def _mask_chunks(
-    outputs: list[RawOutput], instances: _Instances, height: int, width: int, chunk_pixels: int
-) -> Iterator[torch.Tensor]:
-    """Boolean full-size masks: the concept instances in score order, then any point prompt's object."""
-    chunk_size = masks_per_chunk(height, width, chunk_pixels)
-    yield from concept_mask_chunks(instances.mask_logits, height, width, chunk_size)
-    for output in outputs:
-        if isinstance(output, PointOutput):
-            yield from tracker_mask_chunks(torch.tensor(output.mask_logits), height, width, 1)

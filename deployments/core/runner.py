@@ -24,7 +24,8 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from client.errors import ImageNotCachedError, ServiceUnavailableError
 from deployments.core.checkpoint import Sam3Models
-from deployments.core.masks import concept_scores, keep_above
+from deployments.core.masks import concept_scores
+from deployments.core.postprocess import ConceptOutput, PackedSegmentation, PointOutput, RawOutput, finish_segmentation
 from deployments.core.preprocess import normalize
 from deployments.core.prompts import ConceptPrompt, PointPrompt, Prompt, pad_box_exemplars
 from deployments.core.vision_cache import ImageFeatures, VisionFeatureCache
@@ -44,27 +45,9 @@ class PreparedItem:
     image_key: str | None = None  # the image's id (`vision_cache.image_key`): where its features are cached
     deadline: float | None = None  # time.time() after which nobody waits for the answer
     score_threshold: float | None = None  # None: the runner's default
+    max_instances: int | None = None  # the most concept instances to answer with, best first; None: all kept
+    return_detections: bool = True  # False: the answer needs only the union mask
     timings_ms: dict[str, float] = field(default_factory=dict)  # time per stage so far, for the response
-
-
-@dataclass
-class ConceptOutput:
-    """The queries of one concept prompt that passed the score threshold, in query order."""
-
-    scores: np.ndarray  # float32 [K]
-    boxes: np.ndarray  # float32 [K, 4], xyxy in [0, 1]
-    mask_logits: np.ndarray  # float32 [K, m, m]
-
-
-@dataclass
-class PointOutput:
-    """The tracker's mask for one point prompt (the best of three for a single point)."""
-
-    mask_logits: np.ndarray  # float32 [1, m, m]
-    iou_score: float
-
-
-RawOutput = ConceptOutput | PointOutput
 
 
 @dataclass(frozen=True)
@@ -76,19 +59,25 @@ class _PromptRef:
 
 
 class Sam3Runner:
-    """Runs prepared batches on the shared-ViT models; thresholds scores before anything leaves the device.
+    """Runs prepared batches on the shared-ViT models and finishes each answer on the model's device.
 
-    Only kept queries leave the device: all 200 query masks of the real model would be 66 MB per prompt.
-    Text encodings are kept across batches (least recently used evicted): a service sees the same
+    Nothing per query or per pixel leaves the device but the answer: kept instances, sorted, with their
+    full-size masks bit-packed (`postprocess.finish_segmentation`). Text encodings are kept across batches (least recently used evicted): a service sees the same
     concepts again and again, and the text encoder is 354M parameters of the real model. With
     `vision_cache_bytes`, so are the vision features of images that carry an `image_key`.
     """
 
     def __init__(
-        self, models: Sam3Models, score_threshold: float, text_cache_size: int = 1024, vision_cache_bytes: int = 0
+        self,
+        models: Sam3Models,
+        score_threshold: float,
+        text_cache_size: int = 1024,
+        vision_cache_bytes: int = 0,
+        mask_chunk_pixels: int = 16_000_000,
     ):
         self.models = models
         self.score_threshold = score_threshold
+        self.mask_chunk_pixels = mask_chunk_pixels
         self.text_cache_size = text_cache_size
         self._text_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._text_cache_lock = threading.Lock()  # batches may run in several threads at once
@@ -98,7 +87,22 @@ class Sam3Runner:
         self.image_feature_bytes = 0  # what one image's cached features take, known after the first ViT pass
 
     @torch.inference_mode()
-    def run(self, items: list[PreparedItem]) -> list[list[RawOutput]]:
+    def run(self, items: list[PreparedItem]) -> list[PackedSegmentation]:
+        """One forward pass over the batch, then each item's answer finished on the device."""
+        return [
+            finish_segmentation(
+                outputs,
+                item.original_size,
+                chunk_pixels=self.mask_chunk_pixels,
+                max_instances=item.max_instances,
+                with_instances=item.return_detections,
+            )
+            for item, outputs in zip(items, self.forward(items))
+        ]
+
+    @torch.inference_mode()
+    def forward(self, items: list[PreparedItem]) -> list[list[RawOutput]]:
+        """Every prompt's raw outputs, on the model's device, by item and prompt."""
         outputs: list[list[RawOutput | None]] = [[None] * len(item.prompts) for item in items]
         groups: dict[tuple, list[_PromptRef]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -229,18 +233,12 @@ class Sam3Runner:
             attention_mask=attention_mask,
             **kwargs,
         )
-        outputs = []
-        for row in range(len(refs)):
-            scores = concept_scores(result.pred_logits[row].float(), result.presence_logits[row].float())
-            keep = keep_above(scores, refs[row].score_threshold)
-            outputs.append(
-                ConceptOutput(
-                    scores=scores[keep].cpu().numpy(),
-                    boxes=result.pred_boxes[row][keep].float().cpu().numpy(),
-                    mask_logits=result.pred_masks[row][keep].float().cpu().numpy(),
-                )
-            )
-        return outputs
+        scores = concept_scores(result.pred_logits.float(), result.presence_logits.float())
+        boxes = result.pred_boxes.float()
+        return [
+            ConceptOutput(scores[row], boxes[row], result.pred_masks[row], ref.score_threshold)
+            for row, ref in enumerate(refs)
+        ]
 
     def _text_features(self, prompts: list[ConceptPrompt]) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
         """Each distinct text through the encoder once, and not at all when its encoding is cached."""
@@ -278,17 +276,11 @@ class Sam3Runner:
             input_labels=self._device_tensor(np.stack([p.labels for p in prompts])[:, None]),
             multimask_output=single_point,
         )
-        outputs = []
-        for row in range(len(refs)):
-            iou = result.iou_scores[row, 0].float()
-            best = int(iou.argmax()) if single_point else 0
-            outputs.append(
-                PointOutput(
-                    mask_logits=result.pred_masks[row, 0, best : best + 1].float().cpu().numpy(),
-                    iou_score=float(iou[best]),
-                )
-            )
-        return outputs
+        iou = result.iou_scores[:, 0].float()
+        best = iou.argmax(dim=-1) if single_point else torch.zeros(len(refs), dtype=torch.int64, device=iou.device)
+        rows = torch.arange(len(refs), device=iou.device)
+        masks = result.pred_masks[rows, 0, best]
+        return [PointOutput(masks[row : row + 1], iou[row, best[row]]) for row in range(len(refs))]
 
 
 def _group_key(prompt: Prompt) -> tuple:
@@ -297,7 +289,9 @@ def _group_key(prompt: Prompt) -> tuple:
     return ("concept", prompt.boxes_cxcywh is not None)
 
 
-def run_isolating_failures(runner: Sam3Runner, items: list[PreparedItem], device: torch.device) -> list[list[RawOutput] | Exception]:
+def run_isolating_failures(
+    runner: Sam3Runner, items: list[PreparedItem], device: torch.device
+) -> list[PackedSegmentation | Exception]:
     """One answer per item (Triton style): a batch that fails runs again item by item, so a bad item fails
     alone. Running out of memory on a single item is the replica's state, not the request's fault: a
     retryable error."""

@@ -82,7 +82,7 @@ class FakeRunner:
         self.calls.append(len(items))
         if len(items) > self.max_ok or any(item.original_size in self.bad_sizes for item in items):
             raise self.error
-        return [[f"output for {item.original_size}"] for item in items]
+        return [f"answer for {item.original_size}" for item in items]
 
 
 def pool_with(runner) -> Sam3ModelPool:
@@ -100,7 +100,7 @@ def item(size, deadline=None) -> PreparedItem:
 def test_an_oversized_batch_that_runs_out_of_memory_answers_every_item():
     runner = FakeRunner(torch.OutOfMemoryError("CUDA out of memory"), max_ok=1)
     results = pool_with(runner)._run_items(runner, [item((1, 1)), item((2, 2)), item((3, 3))])
-    assert [result.original_size for result in results] == [(1, 1), (2, 2), (3, 3)]
+    assert [result.segmentation for result in results] == [f"answer for {size}" for size in ((1, 1), (2, 2), (3, 3))]
     assert all(isinstance(result, ModelResult) for result in results)
     assert runner.calls == [3, 1, 1, 1]
 
@@ -124,5 +124,5 @@ def test_expired_items_are_answered_without_running():
     batch = [item((1, 1), deadline=time.time() - 1), item((2, 2), deadline=time.time() + 60), item((3, 3))]
     results = asyncio.run(pool._run_batch("sam3", runner, [(entry, time.perf_counter()) for entry in batch]))
     assert isinstance(results[0], RequestTimeoutError)
-    assert [r.original_size for r in results[1:]] == [(2, 2), (3, 3)]
+    assert [r.segmentation for r in results[1:]] == ["answer for (2, 2)", "answer for (3, 3)"]
     assert runner.calls == [2]

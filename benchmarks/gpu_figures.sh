@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU figures of benchmarks/RESULTS.md in one go, on a machine with one CUDA GPU, from the repository root:
+#
+#   bash benchmarks/gpu_figures.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else /tmp/sam3-gpu
+#
+# Builds the full-size random-weight checkpoint (facebook/sam3's configuration: its masks are meaningless, its
+# compute is the real model's), then, most important first, each step's log in OUT_DIR:
+#   core-*     the model replica's work in one process (benchmarks.core_throughput, bf16, text prompts,
+#              distinct 640x480 images): one at a time and in batches of 8, with a profile of one batch;
+#   app-*      the application (benchmarks.compare --only inprocess,http): transformers' own pipeline, our
+#              core and the service over HTTP at concurrency 1, 8, 32, with many instances per answer
+#              (the random weights keep ~150) and with at most 8 (max_instances);
+#   bf16       how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity).
+# STEP_TIMEOUT (seconds, default 300) bounds each step, so one that hangs leaves time for the rest.
+set -uo pipefail
+out=${1:-${OUT:-/tmp/sam3-gpu}}
+checkpoint=${SAM3_FULL_CHECKPOINT:-/tmp/sam3-full}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+step() {
+  local name=$1
+  shift
+  echo "== $name: $*"
+  timeout "${STEP_TIMEOUT:-300}" "$@" >"$out/$name.log" 2>&1
+  echo "   exit $? after ${SECONDS}s"
+  grep -v -e '^Loading weights' -e '^\s*$' "$out/$name.log" | tail -n "${SHOW_LINES:-40}"
+}
+
+nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv,noheader
+[ -f "$checkpoint/model.safetensors" ] || step checkpoint python -m deployments.core.tiny_checkpoint "$checkpoint" --preset full
+core=(python -m benchmarks.core_throughput --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --prompts text --requests 32)
+SHOW_LINES=30 step core-many "${core[@]}" --profile
+SHOW_LINES=8 step core-few "${core[@]}" --max-instances 8
+app=(python -m benchmarks.compare --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --only inprocess,http
+     --concurrency 1,8,32 --requests 64 --markdown)
+step app-many "${app[@]}"
+step app-few "${app[@]}" --max-instances 8
+step bf16 python -m benchmarks.bf16_parity --checkpoint "$checkpoint" --device cuda
