@@ -2,7 +2,7 @@
 
     python -m benchmarks.core_throughput [--checkpoint DIR] [--size 112] [--requests 64] [--device cpu]
                                          [--dtype auto] [--prompts mixed|text] [--score-threshold T]
-                                         [--max-instances K] [--profile]
+                                         [--max-instances K] [--profile] [--autocast]
 
 Without --checkpoint it builds the tiny random-weight checkpoint (its masks are meaningless; it has the
 real model's structure at a fraction of its cost, so figures here compare strategies, not hardware).
@@ -16,6 +16,7 @@ take the most device time (torch.profiler).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--max-instances", type=int, help="answer with at most this many instances per request")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--autocast", action="store_true", help="run the --dtype weights under torch.autocast(bfloat16) (give float32)"
+    )
     args = parser.parse_args()
     checkpoint = args.checkpoint or str(build_tiny_checkpoint(tempfile.mkdtemp(), image_size=args.size))
     if not args.checkpoint:
@@ -86,6 +90,12 @@ def main() -> None:
     synchronize()
     print(f"checkpoint loaded onto {args.device} in {time.perf_counter() - started:.1f} s")
     pipeline = Sam3Pipeline(models, score_threshold=args.score_threshold)
+    precision = torch.autocast(args.device, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
+    with precision:
+        measure(pipeline, args)
+
+
+def measure(pipeline: Sam3Pipeline, args: argparse.Namespace) -> None:
     images = [random_image(480, 640, seed=i) for i in range(args.requests)]
     prompts = PROMPTS if args.prompts == "mixed" else TEXT_PROMPTS
     items = [
@@ -106,13 +116,13 @@ def main() -> None:
     shared_vision = timed(lambda: pipeline.runner.run([shared]), args.repeats * 5)
 
     print(
-        f"device={args.device} dtype={pipeline.models.dtype} torch threads={torch.get_num_threads()} "
+        f"device={args.device} dtype={pipeline.models.dtype}{' under bf16 autocast' if args.autocast else ''} torch threads={torch.get_num_threads()} "
         f"prompts={args.prompts} score threshold={args.score_threshold} max instances={args.max_instances} "
         f"instances per answer (first batch)={statistics.mean(instances):.1f}"
     )
     print(f"{'strategy':<44}{'requests/s':>12}")
     print(f"{'one request per model call (baseline)':<44}{len(items) / one_at_a_time:>12.1f}")
-    print(f"{f'batches of {args.batch_size} (mixed prompt types)':<44}{len(items) / batched:>12.1f}")
+    print(f"{f'batches of {args.batch_size} ({args.prompts} prompts)':<44}{len(items) / batched:>12.1f}")
     print(f"{'3 prompts on 1 image, 3 items (3 ViT passes)':<44}{3 / repeated_vision:>12.1f}")
     print(f"{'3 prompts on 1 image, 1 item (1 ViT pass)':<44}{3 / shared_vision:>12.1f}")
     if args.profile:

@@ -10,8 +10,10 @@
 #   app-*      the application (benchmarks.compare --only inprocess,http): transformers' own pipeline, our
 #              core and the service over HTTP at concurrency 1, 8, 32, with many instances per answer
 #              (the random weights keep ~150) and with at most 8 (max_instances);
-#   bf16       how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity).
-# STEP_TIMEOUT (seconds, default 300) bounds each step, so one that hangs leaves time for the rest.
+#   parity-device  masks finished on the GPU against the same outputs finished on the CPU;
+#   parity-bf16  how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity).
+# STEPS (default "core app parity") chooses the groups to run; STEP_TIMEOUT (seconds, default 300) bounds each
+# step, so one that hangs leaves time for the rest.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/sam3-gpu}}
 checkpoint=${SAM3_FULL_CHECKPOINT:-/tmp/sam3-full}
@@ -21,6 +23,7 @@ export PYTHONUNBUFFERED=1
 step() {
   local name=$1
   shift
+  if [ "$name" != checkpoint ] && [[ " ${STEPS:-core app parity} " != *" ${name%%-*} "* ]]; then return 0; fi
   echo "== $name: $*"
   timeout "${STEP_TIMEOUT:-300}" "$@" >"$out/$name.log" 2>&1
   echo "   exit $? after ${SECONDS}s"
@@ -36,4 +39,5 @@ app=(python -m benchmarks.compare --checkpoint "$checkpoint" --device cuda --dty
      --concurrency 1,8,32 --requests 64 --markdown)
 step app-many "${app[@]}"
 step app-few "${app[@]}" --max-instances 8
-step bf16 python -m benchmarks.bf16_parity --checkpoint "$checkpoint" --device cuda
+SHOW_LINES=3 step parity-device python -m benchmarks.device_parity --checkpoint "$checkpoint"
+step parity-bf16 python -m benchmarks.bf16_parity --checkpoint "$checkpoint" --device cuda

@@ -22,12 +22,26 @@ TINY_SIZES = (56, 112)
 
 def tiny_checkpoint_dir(size: int) -> Path:
     """Build (or reuse) the tiny checkpoint for `size`; the cache key includes the builder's source."""
-    source_hash = hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("SAM3_TEST_CACHE", Path(tempfile.gettempdir()) / "sam3-serve-test-cache"))
-    out_dir = cache / f"tiny-{size}-{source_hash}"
+    out_dir = _test_cache() / f"tiny-{size}-{_builder_hash()}"
     if not (out_dir / "model.safetensors").exists():
         tiny_checkpoint.build_tiny_checkpoint(out_dir, image_size=size)
     return out_dir
+
+
+def preset_checkpoint_dir(preset: str) -> Path:
+    """Build (or reuse) a preset's random-weight checkpoint at its own resolution (`mid`: 1008 px, narrow)."""
+    out_dir = _test_cache() / f"{preset}-{_builder_hash()}"
+    if not (out_dir / "model.safetensors").exists():
+        tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)
+    return out_dir
+
+
+def _test_cache() -> Path:
+    return Path(os.environ.get("SAM3_TEST_CACHE", Path(tempfile.gettempdir()) / "sam3-serve-test-cache"))
+
+
+def _builder_hash() -> str:
+    return hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
 
 
 @pytest.fixture(scope="session", params=TINY_SIZES, ids=lambda size: f"tiny{size}")
