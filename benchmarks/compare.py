@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,9 @@ from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_po
 from deployments.profiles import set_default_checkpoint
 
 SECTIONS = ("inprocess", "prompts", "http", "handle", "floor")
+# scikit-image's colour photos (no download needed); the harness sends 640x480 crops of them.
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle")
+PHOTO_SIZE = (640, 480)
 PROMPT_COUNTS = (1, 4)
 PRESETS = ("tiny", "mid", "full")
 MODEL_POOL = "Sam3ModelPool"
@@ -90,6 +94,8 @@ class Measurement:
     latencies_s: list[float]
     wall_s: float
     errors: int = 0
+    key: tuple = ()  # what the targets look a row up by: (kind, input, concurrency, configuration)
+    instances: float | None = None  # mean concept instances per answer
     mean_batch: float | None = None
     busy_fraction: float | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
@@ -105,10 +111,31 @@ class Measurement:
 # ---------------------------------------------------------------- inputs, checkpoint, header
 
 
-def write_photo(path: Path) -> np.ndarray:
-    """A real photo (so the JPEG has a typical size) at 640x480; returns the pixels the server decodes from it."""
-    Image.fromarray(data.chelsea()).resize((640, 480), Image.Resampling.BICUBIC).save(path, quality=90)
-    return np.array(Image.open(path).convert("RGB"))
+def write_photos(directory: Path, count: int) -> tuple[list[Path], list[np.ndarray]]:
+    """`count` distinct 640x480 JPEG photos: each of `PHOTOS` whole, then crops of them at random scales and offsets.
+
+    Real photos, so each JPEG has a typical size. Returns the files and the pixels the server decodes from them
+    (what the numpy-array rows send), so both inputs carry the same images.
+    """
+    rng = np.random.default_rng(0)
+    paths, arrays = [], []
+    for index in range(count):
+        name = PHOTOS[index % len(PHOTOS)]
+        source = getattr(data, name)()
+        source = source[0] if isinstance(source, tuple) else source  # stereo_motorcycle: (left, right, disparity)
+        height, width = source.shape[:2]
+        scale = 1.0 if index < len(PHOTOS) else rng.uniform(0.5, 0.95)
+        crop_width = min(width, height * 4 / 3) * scale  # of the largest 4:3 box the photo holds
+        crop_height = crop_width * 3 / 4
+        left, top = rng.uniform(0, width - crop_width), rng.uniform(0, height - crop_height)
+        box = (left, top, left + crop_width, top + crop_height)
+        path = directory / f"{index:03d}-{name}-640x480.jpg"
+        Image.fromarray(source).resize(PHOTO_SIZE, Image.Resampling.BICUBIC, box=box).save(path, quality=90)
+        paths.append(path)
+        arrays.append(np.array(Image.open(path).convert("RGB")))
+    if len({array.tobytes() for array in arrays}) != count:
+        raise RuntimeError("two of the generated photos are the same image")
+    return paths, arrays
 
 
 def preset_checkpoint(preset: str) -> Path:
@@ -124,7 +151,7 @@ def preset_checkpoint(preset: str) -> Path:
     return out_dir
 
 
-def print_header(args, checkpoint: Path, photo: Path) -> None:
+def print_header(args, checkpoint: Path, photos: list[Path]) -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     source = f"preset {args.preset}" if args.checkpoint is None else "given directory"
     print(f"# benchmarks.compare, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}")
@@ -135,10 +162,16 @@ def print_header(args, checkpoint: Path, photo: Path) -> None:
         f"transformers {transformers.__version__}, ray {ray.__version__}"
     )
     print(f"checkpoint: {source}, {checkpoint} (random weights: masks meaningless, compute as real)")
+    jpeg_kb = statistics.fmean(photo.stat().st_size for photo in photos) / 1000
     print(
-        f"device {args.device}; image {photo.name} 640x480 JPEG ({photo.stat().st_size // 1000} kB) and its pixels "
-        f"as a numpy array; text prompt {args.text!r}; {args.requests} timed requests per configuration "
-        f"(at least one per thread), after a warm-up"
+        f"device {args.device}; images: {len(photos)} distinct 640x480 JPEG photos (crops of scikit-image's "
+        f"{', '.join(PHOTOS)}; {jpeg_kb:.0f} kB on average), each request the next one, as a path and as a numpy "
+        f"array; text prompt {args.text!r}; {args.requests} timed requests per configuration (at least one per "
+        f"thread), after a warm-up"
+    )
+    print(
+        "the application's vision-feature cache is off (vision_cache_bytes: 0) except in the row named "
+        "'cache hits', which sends one photo again and again with the cache on"
     )
     print()
 
@@ -155,18 +188,40 @@ def median_ms(function: Callable[[], object], repeats: int = STAGE_SAMPLES) -> f
     return statistics.median(samples) * 1000
 
 
-def time_sequential(name: str, function: Callable[[], object], requests: int, warmup: int) -> Measurement:
-    """One call at a time, as a user's loop runs; throughput is calls over the loop's wall time."""
+def cycling(images: list, segment: Callable[[object], int | None]) -> Callable[[], int | None]:
+    """A call that segments the next of `images` each time, from the first, round and round (thread-safe)."""
+    calls = itertools.count()
+    lock = threading.Lock()
+
+    def call() -> int | None:
+        with lock:
+            index = next(calls) % len(images)
+        return segment(images[index])
+
+    return call
+
+
+def mean_instances(counts: list[int | None]) -> float | None:
+    known = [count for count in counts if count is not None]
+    return statistics.fmean(known) if known else None
+
+
+def time_sequential(
+    name: str, function: Callable[[], int | None], requests: int, warmup: int, key: tuple = ()
+) -> Measurement:
+    """One call at a time, as a user's loop runs; throughput is calls over the loop's wall time.
+
+    `function` returns the number of instances in its answer (None: unknown)."""
     print(f"measuring {name}", file=sys.stderr)
     for _ in range(warmup):
         function()
-    latencies = []
+    latencies, counts = [], []
     started = time.perf_counter()
     for _ in range(requests):
         call_started = time.perf_counter()
-        function()
+        counts.append(function())
         latencies.append(time.perf_counter() - call_started)
-    return Measurement(name, latencies, time.perf_counter() - started)
+    return Measurement(name, latencies, time.perf_counter() - started, key=key, instances=mean_instances(counts))
 
 
 def warm_up(function: Callable[[], object], concurrency: int) -> None:
@@ -175,31 +230,42 @@ def warm_up(function: Callable[[], object], concurrency: int) -> None:
         list(threads.map(lambda _: function(), range(concurrency)))
 
 
-def time_concurrent(name: str, function: Callable[[], object], requests: int, concurrency: int) -> Measurement:
+def time_concurrent(
+    name: str, function: Callable[[], int | None], requests: int, concurrency: int, key: tuple = ()
+) -> Measurement:
     """`concurrency` threads calling back to back (closed loop), at least one call per thread."""
 
-    def timed_call(_) -> float | None:
+    def timed_call(_) -> tuple[float, int | None] | None:
         started = time.perf_counter()
         try:
-            function()
+            count = function()
         except Sam3Error as error:
             print(f"  {name}: {type(error).__name__}: {error}", file=sys.stderr)
             return None
-        return time.perf_counter() - started
+        return time.perf_counter() - started, count
 
     with ThreadPoolExecutor(max_workers=concurrency) as threads:
         started = time.perf_counter()
         results = list(threads.map(timed_call, range(max(requests, concurrency))))
         wall_s = time.perf_counter() - started
-    latencies = [latency for latency in results if latency is not None]
-    return Measurement(name, latencies, wall_s, errors=len(results) - len(latencies))
+    answered = [result for result in results if result is not None]
+    return Measurement(
+        name,
+        [latency for latency, _ in answered],
+        wall_s,
+        errors=len(results) - len(answered),
+        key=key,
+        instances=mean_instances([count for _, count in answered]),
+    )
 
 
 # ---------------------------------------------------------------- in process
 
 
-def transformers_segmenter(checkpoint: Path, device: str, text: str) -> Callable[[object], dict]:
-    """What a transformers user writes: processor -> model -> post_process_instance_segmentation."""
+def transformers_segmenter(checkpoint: Path, device: str, text: str) -> Callable[[object], int]:
+    """What a transformers user writes: processor -> model -> post_process_instance_segmentation.
+
+    Returns the number of instances found."""
     processor = Sam3Processor.from_pretrained(checkpoint)
     model = Sam3Model.from_pretrained(checkpoint).to(device).eval()
 
@@ -212,24 +278,30 @@ def transformers_segmenter(checkpoint: Path, device: str, text: str) -> Callable
         result = processor.post_process_instance_segmentation(
             outputs, threshold=0.5, mask_threshold=0.5, target_sizes=inputs["original_sizes"].tolist()
         )[0]
-        return {key: value.cpu() for key, value in result.items()}  # the user's masks, on the host
+        result = {key: value.cpu() for key, value in result.items()}  # the user's masks, on the host
+        return len(result["scores"])
 
     return segment
 
 
-def measure_in_process(checkpoint: Path, args, inputs: dict[str, object]) -> list[Measurement]:
-    """transformers, then our core, each alone in this process: one's models are freed before the next loads."""
+def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[Measurement]:
+    """transformers, then our core, each alone in this process: one's models are freed before the next loads.
+
+    Each row goes through the images from the first, one per call, as the application rows do."""
     segment = transformers_segmenter(checkpoint, args.device, args.text)
-    rows = [
-        time_sequential(f"transformers in process, {label}", partial(segment, image), args.requests, IN_PROCESS_WARMUP)
-        for label, image in inputs.items()
-    ]
+    rows = []
+    for label, images in inputs.items():
+        name, key = f"transformers in process, {label}", ("transformers", label)
+        rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key))
     del segment
     pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device))
-    for label, image in inputs.items():
-        source = str(image) if isinstance(image, Path) else image
-        core = partial(pipeline.segment, source, text=args.text)
-        rows.append(time_sequential(f"our core in process, {label}", core, args.requests, IN_PROCESS_WARMUP))
+
+    def core(image) -> int:
+        return len(pipeline.segment(str(image) if isinstance(image, Path) else image, text=args.text).scores)
+
+    for label, images in inputs.items():
+        name, key = f"our core in process, {label}", ("core", label)
+        rows.append(time_sequential(name, cycling(images, core), args.requests, IN_PROCESS_WARMUP, key))
     del pipeline
     gc.collect()
     return rows
@@ -242,13 +314,16 @@ def measure_prompts(checkpoint: Path, args, photo: Path) -> list[Measurement]:
     rows = []
     for count in PROMPT_COUNTS:
 
-        def new_texts(count=count) -> object:
-            return pipeline.segment(str(photo), text=[f"{args.text} {next(fresh)}" for _ in range(count)])
+        def new_texts(count=count) -> int:
+            return len(pipeline.segment(str(photo), text=[f"{args.text} {next(fresh)}" for _ in range(count)]).scores)
 
-        seen = [f"{args.text} {index}" for index in range(count)]
-        rows.append(time_sequential(f"our core, {count} text(s), new each call", new_texts, args.requests, IN_PROCESS_WARMUP))
-        cached = partial(pipeline.segment, str(photo), text=seen)
-        rows.append(time_sequential(f"our core, {count} text(s), cached", cached, args.requests, IN_PROCESS_WARMUP))
+        def cached(count=count) -> int:
+            return len(pipeline.segment(str(photo), text=[f"{args.text} {index}" for index in range(count)]).scores)
+
+        name = f"our core, {count} text(s), new each call"
+        rows.append(time_sequential(name, new_texts, args.requests, IN_PROCESS_WARMUP, ("prompts", count, "new")))
+        name = f"our core, {count} text(s), cached"
+        rows.append(time_sequential(name, cached, args.requests, IN_PROCESS_WARMUP, ("prompts", count, "cached")))
     del pipeline
     gc.collect()
     return rows
@@ -264,8 +339,12 @@ def start_ray() -> str:
     return context.address_info["gcs_address"]
 
 
-def app_config(checkpoint: Path, port: int, device: str, max_batch_size: int | None) -> dict:
-    """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas."""
+def app_config(
+    checkpoint: Path, port: int, device: str, max_batch_size: int | None, *, vision_cache_bytes: int | None = None
+) -> dict:
+    """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas.
+
+    `vision_cache_bytes` replaces the configured cache size (0: off); None keeps it."""
     if device == "cpu":
         config = cpu_config(str(checkpoint), port)
     else:
@@ -273,6 +352,8 @@ def app_config(checkpoint: Path, port: int, device: str, max_batch_size: int | N
         set_default_checkpoint(config["applications"][0]["args"], str(checkpoint))
         config["applications"][0]["args"]["device"] = device
         config["http_options"].update(host="127.0.0.1", port=port)
+    if vision_cache_bytes is not None:
+        config["applications"][0]["args"]["vision_cache_bytes"] = vision_cache_bytes
     for deployment in config["applications"][0]["deployments"]:
         autoscaling = deployment.get("autoscaling_config")
         if autoscaling is not None:  # pinned, not removed: the code's own autoscaling_config would apply
@@ -358,51 +439,90 @@ def client_decode_ms(responses: list) -> float | None:
     return statistics.median(samples) if samples else None
 
 
-def measure_client(name: str, client, responses: list, image, args, concurrency: int) -> Measurement:
-    """`client.run` under load, with the model replica's stats around it and the stage times after it."""
+def instance_counts(images: list[Path], args) -> list[int | None]:
+    """The instances in the application's answer for each image, asked once with detections, untimed.
+
+    `run()`'s answers carry the union mask only; an image's count is the same whichever row sends it.
+    """
+    print("counting the instances in the application's answers", file=sys.stderr)
+    client = Sam3HandleClient(APP_NAME, timeout=CLIENT_TIMEOUT_S, reuse_images=False)
+    answers = client.run_many_with_detections(images, text=args.text, concurrency=max(args.concurrency))
+    return [None if isinstance(answer, Sam3Error) else len(answer["scores"]) for answer in answers]
+
+
+def measure_client(
+    name: str, key: tuple, client, responses: list, images: list, counts: list, args, concurrency: int
+) -> Measurement:
+    """`client.run` under load, one image after the other, with the model replica's stats around it and the
+    stage times after it. `counts` are the images' instances (`instance_counts`)."""
     print(f"measuring {name}", file=sys.stderr)
 
-    def segment() -> None:
-        client.run(image, text=args.text)
+    def segment(index: int) -> int | None:
+        client.run(images[index], text=args.text)
+        return counts[index]
 
-    warm_up(segment, concurrency)
+    indices = list(range(len(images)))
+    warm_up(cycling(indices, segment), concurrency)
     responses.clear()
     stats_before = model_pool_stats()
-    measurement = time_concurrent(name, segment, args.requests, concurrency)
+    measurement = time_concurrent(name, cycling(indices, segment), args.requests, concurrency, key)
     measurement.mean_batch, measurement.busy_fraction = batch_and_busy(
         stats_before, model_pool_stats(), measurement.wall_s
     )
     measurement.stages_ms = {
-        "client encode": median_ms(partial(encode_image, image, timeout=None)),
+        "client encode": median_ms(partial(encode_image, images[0], timeout=None)),
         **server_stage_means_ms(responses),
         "client decode": client_decode_ms(responses),
     }
     return measurement
 
 
+def application_client(transport: str, url: str, *, reuse_images: bool) -> tuple[object, str, list]:
+    """A client of `transport`, its label in row names, and the list its raw responses are recorded into."""
+    if transport == "http":
+        client, label = Sam3HttpClient(url, timeout=CLIENT_TIMEOUT_S, reuse_images=reuse_images), "HTTP"
+    else:
+        client, label = Sam3HandleClient(APP_NAME, timeout=CLIENT_TIMEOUT_S, reuse_images=reuse_images), "handle"
+    responses: list = []
+    record_responses(client, responses)
+    return client, label, responses
+
+
 def measure_application(
-    checkpoint: Path, args, inputs: dict[str, object], ray_address: str, port: int, workdir: Path
+    checkpoint: Path, args, inputs: dict[str, list], ray_address: str, port: int, workdir: Path
 ) -> list[Measurement]:
-    """Each transport at each concurrency with the photo path, and with the array at concurrency 1."""
+    """Each transport at each concurrency with the photo paths, and with the arrays at concurrency 1, batching on
+    and off, on distinct images with the vision-feature cache off; then one row of cache hits."""
+    transports = [transport for transport in ("http", "handle") if transport in args.only]
     runs = [("photo path", c) for c in args.concurrency] + [("numpy array", 1)]
-    rows = []
-    for index, (batching, max_batch_size) in enumerate((("batching on", None), ("batching off", 1))):
-        config = app_config(checkpoint, port, args.device, max_batch_size)
+    rows, counts, url = [], [], None
+    for batching, max_batch_size in (("batching on", None), ("batching off", 1)):
+        config = app_config(checkpoint, port, args.device, max_batch_size, vision_cache_bytes=0)
         path = workdir / f"{batching.replace(' ', '-')}.yaml"
-        url = serve_run(config, path, ray_address) if index == 0 else redeploy(config, path, ray_address)
-        for transport in [transport for transport in ("http", "handle") if transport in args.only]:
-            if transport == "http":
-                client, label = Sam3HttpClient(url, timeout=CLIENT_TIMEOUT_S), "HTTP"
-            else:
-                client, label = Sam3HandleClient(APP_NAME, timeout=CLIENT_TIMEOUT_S), "handle"
-            responses: list = []
-            record_responses(client, responses)
+        url = serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
+        counts = counts or instance_counts(inputs["photo path"], args)
+        for transport in transports:
+            client, label, responses = application_client(transport, url, reuse_images=False)
             for input_label, concurrency in runs:
                 name = f"{label}, {input_label}, c={concurrency}, {batching}"
-                rows.append(measure_client(name, client, responses, inputs[input_label], args, concurrency))
+                key = (transport, input_label, concurrency, batching)
+                images = inputs[input_label]
+                rows.append(measure_client(name, key, client, responses, images, counts, args, concurrency))
             if transport == "http":
                 client.close()
+    cache_url = redeploy(app_config(checkpoint, port, args.device, None), workdir / "cache-on.yaml", ray_address)
+    rows.append(measure_cache_hits(cache_url, transports[0], inputs["photo path"][0], counts[0], args))
     return rows
+
+
+def measure_cache_hits(url: str, transport: str, photo: Path, count: int | None, args) -> Measurement:
+    """One photo again and again at concurrency 1, on the cache as configured, the client sending the photo's id."""
+    client, label, responses = application_client(transport, url, reuse_images=True)
+    name = f"{label}, one repeated photo (cache hits), c=1, batching on, cache on"
+    row = measure_client(name, (transport, "cache hits", 1, "batching on"), client, responses, [photo], [count], args, 1)
+    if transport == "http":
+        client.close()
+    return row
 
 
 # ---------------------------------------------------------------- the bare Serve floor
@@ -457,9 +577,9 @@ def measure_floor(url: str) -> list[Measurement]:
         for name, (first_bytes, second_bytes) in FLOOR_CHAINS.items():
             params = {"first_bytes": first_bytes, "second_bytes": second_bytes}
             chain = partial(post_ok, http, "/chain", params=params)
-            rows.append(time_sequential(name, chain, FLOOR_REQUESTS, FLOOR_WARMUP))
+            rows.append(time_sequential(name, chain, FLOOR_REQUESTS, FLOOR_WARMUP, ("floor", name)))
         echo = partial(post_ok, http, "/echo", content=os.urandom(ECHO_BODY_BYTES))
-        rows.append(time_sequential(ECHO_NAME, echo, FLOOR_REQUESTS, FLOOR_WARMUP))
+        rows.append(time_sequential(ECHO_NAME, echo, FLOOR_REQUESTS, FLOOR_WARMUP, ("floor", ECHO_NAME)))
     serve.delete("floor")
     return rows
 
@@ -495,13 +615,14 @@ def stage_columns(rows: list[Measurement]) -> list[str]:
 
 def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, served: bool) -> None:
     """Throughput and latency; for the served rows also the model replica's figures and the time per stage."""
-    headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms"]
+    headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms", "instances"]
     stages = stage_columns(rows) if served else []
     if served:
         headers += ["errors", "mean batch", "model busy", *[f"{stage} ms" for stage in stages]]
     table = []
     for row in rows:
         cells = [row.name, f"{row.images_per_s:.2f}", *(format_ms(row.percentile_ms(q)) for q in (50, 95, 99))]
+        cells.append(format_ms(row.instances))
         if served:
             busy = "-" if row.busy_fraction is None else f"{row.busy_fraction:.0%}"
             cells += [str(row.errors), format_ms(row.mean_batch, 2), busy]
@@ -515,8 +636,8 @@ def print_floor(rows: list[Measurement], markdown: bool) -> None:
     print_table("Bare Ray Serve floor, concurrency 1", ["configuration", "p50 ms", "p95 ms"], table, markdown)
 
 
-def find(rows: list[Measurement], name: str) -> Measurement | None:
-    return next((row for row in rows if row.name == name), None)
+def find(rows: list[Measurement], *key) -> Measurement | None:
+    return next((row for row in rows if row.key == key), None)
 
 
 def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str:
@@ -528,25 +649,24 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str
 def print_targets(rows: list[Measurement], args) -> None:
     """The figures issue 8 sets targets on, from this run's rows ("-" where a section was not run)."""
 
-    def p50(name: str) -> float | None:
-        row = find(rows, name)
+    def p50(*key) -> float | None:
+        row = find(rows, *key)
         return None if row is None else row.percentile_ms(50)
 
     def in_ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f} ms"
 
     def overhead(label: str) -> str:
-        application, core = p50(f"HTTP, {label}, c=1, batching on"), p50(f"our core in process, {label}")
+        application, core = p50("http", label, 1, "batching on"), p50("core", label)
         return in_ms(None if application is None or core is None else application - core)
 
-    floor = [in_ms(p50(name)) for name in [*FLOOR_CHAINS, ECHO_NAME]]
-    http_8 = find(rows, "HTTP, photo path, c=8, batching on")
-    transformers_alone = find(rows, "transformers in process, photo path")
-    batching_off = find(rows, "HTTP, photo path, c=8, batching off")
+    floor = [in_ms(p50("floor", name)) for name in [*FLOOR_CHAINS, ECHO_NAME]]
+    http_8 = find(rows, "http", "photo path", 8, "batching on")
+    transformers_alone = find(rows, "transformers", "photo path")
+    batching_off = find(rows, "http", "photo path", 8, "batching off")
     four_over_one = [
-        f"{p50(f'our core, {PROMPT_COUNTS[-1]} text(s), {kind}') / p50(f'our core, 1 text(s), {kind}'):.2f}x"
-        if p50(f"our core, 1 text(s), {kind}") else "-"
-        for kind in ("new each call", "cached")
+        f"{p50('prompts', PROMPT_COUNTS[-1], kind) / p50('prompts', 1, kind):.2f}x" if p50("prompts", 1, kind) else "-"
+        for kind in ("new", "cached")
     ]
     source = f"preset {args.preset}" if args.checkpoint is None else str(args.checkpoint)
     lines = [
@@ -579,6 +699,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16, help="timed requests per configuration")
     parser.add_argument("--concurrency", default="1,8,32", help="client threads, comma-separated")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
+    parser.add_argument("--images", type=int, default=48, help="distinct photos the requests go through, in turn")
     parser.add_argument("--text", default="cat", help="the text prompt")
     parser.add_argument("--markdown", action="store_true", help="print tables for benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -587,6 +708,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if args.images < 1:
+        parser.error("--images must be at least 1")
     if args.checkpoint is not None:
         args.preset = None
     return args
@@ -596,11 +719,11 @@ def main() -> None:
     args = parse_args()
     checkpoint = args.checkpoint or preset_checkpoint(args.preset)
     workdir = Path(tempfile.mkdtemp(prefix="sam3-compare-"))
-    photo = workdir / "chelsea-640x480.jpg"
-    inputs = {"photo path": photo, "numpy array": write_photo(photo)}
-    print_header(args, checkpoint, photo)
+    photos, arrays = write_photos(workdir, args.images)
+    inputs = {"photo path": photos, "numpy array": arrays}
+    print_header(args, checkpoint, photos)
     in_process = measure_in_process(checkpoint, args, inputs) if "inprocess" in args.only else []
-    prompts = measure_prompts(checkpoint, args, photo) if "prompts" in args.only else []
+    prompts = measure_prompts(checkpoint, args, photos[0]) if "prompts" in args.only else []
     served, floor = [], []
     if {"http", "handle", "floor"} & set(args.only):
         ray_address = start_ray()
