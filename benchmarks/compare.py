@@ -70,6 +70,7 @@ PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "h
 PHOTO_SIZE = (640, 480)
 PROMPT_COUNTS = (1, 4)
 PRESETS = ("tiny", "mid", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_POOL = "Sam3ModelPool"
 # Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
 SERVER_STAGES = ("preprocess", "queue", "model", "postprocess")
@@ -164,7 +165,7 @@ def print_header(args, checkpoint: Path, photos: list[Path]) -> None:
     print(f"checkpoint: {source}, {checkpoint} (random weights: masks meaningless, compute as real)")
     jpeg_kb = statistics.fmean(photo.stat().st_size for photo in photos) / 1000
     print(
-        f"device {args.device}; images: {len(photos)} distinct 640x480 JPEG photos (crops of scikit-image's "
+        f"device {args.device}, dtype {args.dtype} (in process and in the application); images: {len(photos)} distinct 640x480 JPEG photos (crops of scikit-image's "
         f"{', '.join(PHOTOS)}; {jpeg_kb:.0f} kB on average), each request the next one, as a path and as a numpy "
         f"array; text prompt {args.text!r}; {args.requests} timed requests per configuration (at least one per "
         f"thread), after a warm-up"
@@ -262,18 +263,18 @@ def time_concurrent(
 # ---------------------------------------------------------------- in process
 
 
-def transformers_segmenter(checkpoint: Path, device: str, text: str) -> Callable[[object], int]:
-    """What a transformers user writes: processor -> model -> post_process_instance_segmentation.
+def transformers_segmenter(checkpoint: Path, device: str, dtype: str, text: str) -> Callable[[object], int]:
+    """What a transformers user writes: processor -> model -> post_process_instance_segmentation, in `dtype`.
 
     Returns the number of instances found."""
     processor = Sam3Processor.from_pretrained(checkpoint)
-    model = Sam3Model.from_pretrained(checkpoint).to(device).eval()
+    model = Sam3Model.from_pretrained(checkpoint, dtype=DTYPES[dtype]).to(device).eval()
 
     @torch.inference_mode()
     def segment(image) -> dict:
         if isinstance(image, Path):
             image = Image.open(image).convert("RGB")
-        inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+        inputs = processor(images=image, text=text, return_tensors="pt").to(device, dtype=DTYPES[dtype])
         outputs = model(**inputs)
         result = processor.post_process_instance_segmentation(
             outputs, threshold=0.5, mask_threshold=0.5, target_sizes=inputs["original_sizes"].tolist()
@@ -288,13 +289,13 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
     """transformers, then our core, each alone in this process: one's models are freed before the next loads.
 
     Each row goes through the images from the first, one per call, as the application rows do."""
-    segment = transformers_segmenter(checkpoint, args.device, args.text)
+    segment = transformers_segmenter(checkpoint, args.device, args.dtype, args.text)
     rows = []
     for label, images in inputs.items():
         name, key = f"transformers in process, {label}", ("transformers", label)
         rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key))
     del segment
-    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device))
+    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device, dtype=args.dtype))
 
     def core(image) -> int:
         return len(pipeline.segment(str(image) if isinstance(image, Path) else image, text=args.text).scores)
@@ -309,7 +310,7 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
 
 def measure_prompts(checkpoint: Path, args, photo: Path) -> list[Measurement]:
     """One request with several texts against one with a single text, on the same photo, in this process."""
-    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device))
+    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device, dtype=args.dtype))
     fresh = itertools.count()
     rows = []
     for count in PROMPT_COUNTS:
@@ -340,11 +341,17 @@ def start_ray() -> str:
 
 
 def app_config(
-    checkpoint: Path, port: int, device: str, max_batch_size: int | None, *, vision_cache_bytes: int | None = None
+    checkpoint: Path,
+    port: int,
+    device: str,
+    max_batch_size: int | None,
+    *,
+    dtype: str | None = None,
+    vision_cache_bytes: int | None = None,
 ) -> dict:
     """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas.
 
-    `vision_cache_bytes` replaces the configured cache size (0: off); None keeps it."""
+    `dtype` and `vision_cache_bytes` (0: the cache off) replace the configured ones; None keeps them."""
     if device == "cpu":
         config = cpu_config(str(checkpoint), port)
     else:
@@ -352,6 +359,8 @@ def app_config(
         set_default_checkpoint(config["applications"][0]["args"], str(checkpoint))
         config["applications"][0]["args"]["device"] = device
         config["http_options"].update(host="127.0.0.1", port=port)
+    if dtype is not None:
+        config["applications"][0]["args"]["dtype"] = dtype
     if vision_cache_bytes is not None:
         config["applications"][0]["args"]["vision_cache_bytes"] = vision_cache_bytes
     for deployment in config["applications"][0]["deployments"]:
@@ -497,7 +506,7 @@ def measure_application(
     runs = [("photo path", c) for c in args.concurrency] + [("numpy array", 1)]
     rows, counts, url = [], [], None
     for batching, max_batch_size in (("batching on", None), ("batching off", 1)):
-        config = app_config(checkpoint, port, args.device, max_batch_size, vision_cache_bytes=0)
+        config = app_config(checkpoint, port, args.device, max_batch_size, dtype=args.dtype, vision_cache_bytes=0)
         path = workdir / f"{batching.replace(' ', '-')}.yaml"
         url = serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
         counts = counts or instance_counts(inputs["photo path"], args)
@@ -510,7 +519,8 @@ def measure_application(
                 rows.append(measure_client(name, key, client, responses, images, counts, args, concurrency))
             if transport == "http":
                 client.close()
-    cache_url = redeploy(app_config(checkpoint, port, args.device, None), workdir / "cache-on.yaml", ray_address)
+    config = app_config(checkpoint, port, args.device, None, dtype=args.dtype)
+    cache_url = redeploy(config, workdir / "cache-on.yaml", ray_address)
     rows.append(measure_cache_hits(cache_url, transports[0], inputs["photo path"][0], counts[0], args))
     return rows
 
@@ -678,7 +688,7 @@ def print_targets(rows: list[Measurement], args) -> None:
         f"(target >= 1.0x on CPU, mid preset); batching on / off {ratio(http_8, batching_off)} (target >= 1.0x)",
         f"{PROMPT_COUNTS[-1]} texts in one request / 1 text, p50: texts new each call {four_over_one[0]}, "
         f"cached {four_over_one[1]} (target <= 1.5x)",
-        f"this run: {source}, device {args.device}",
+        f"this run: {source}, device {args.device}, dtype {args.dtype}",
     ]
     print("### Targets (issue 8)" if args.markdown else "Targets (issue 8)")
     for line in lines:
@@ -696,6 +706,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the application runs the GPU profile"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=(*DTYPES, "auto"),
+        default="auto",
+        help="of every model, in process and in the application; auto: bfloat16 on cuda, float32 on cpu",
+    )
     parser.add_argument("--requests", type=int, default=16, help="timed requests per configuration")
     parser.add_argument("--concurrency", default="1,8,32", help="client threads, comma-separated")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
@@ -708,6 +724,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if args.dtype == "auto":  # resolved here: the application is told the name, float32 or bfloat16
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.images < 1:
         parser.error("--images must be at least 1")
     if args.checkpoint is not None:
