@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import itertools
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -54,24 +55,29 @@ from skimage import data
 from transformers import Sam3Model, Sam3Processor
 
 from benchmarks.machine import cpu_name, git_commit
-from client import Sam3HandleClient, Sam3HttpClient
+from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResponse
 from client.errors import Sam3Error
 from client.images import encode_image
 from client.rle import decode_mask
 from deployments.core import tiny_checkpoint
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline, prepare_item
+from deployments.config import AppArgs
+from deployments.core.checkpoint import Sam3Models, load_sam3
+from deployments.core.pipeline import Sam3Pipeline, prepare_item, prepare_request
+from deployments.core.postprocess import encode_segmentation, to_response
+from deployments.core.runner import Sam3Runner
 from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
+from deployments.model_pool import ModelResult
 from deployments.profiles import set_default_checkpoint
 
-SECTIONS = ("inprocess", "prompts", "http", "handle", "floor")
+SECTIONS = ("inprocess", "prompts", "bytes", "http", "handle", "floor")
 # scikit-image's colour photos (no download needed); the harness sends 640x480 crops of them.
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle")
 PHOTO_SIZE = (640, 480)
 PROMPT_COUNTS = (1, 4)
 PRESETS = ("tiny", "mid", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_SCORE_THRESHOLD = 0.5  # the service's and transformers' row's, unless --score-threshold
+APP_DEFAULTS = AppArgs()
+DEFAULT_SCORE_THRESHOLD = APP_DEFAULTS.score_threshold  # the service's and transformers' row's, unless given
 MODEL_POOL = "Sam3ModelPool"
 # Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
 SERVER_STAGES = ("preprocess", "queue", "model", "postprocess")
@@ -338,6 +344,53 @@ def measure_prompts(checkpoint: Path, args, photo: Path) -> list[Measurement]:
     del pipeline
     gc.collect()
     return rows
+
+
+def pickled_bytes(value: object) -> int:
+    """What a handle call's argument or result takes on the wire: Ray pickles it with protocol 5."""
+    return len(pickle.dumps(value, protocol=5))
+
+
+def hop_bytes(request: SegmentRequest, models: Sam3Models, runner: Sam3Runner) -> tuple[dict[str, int], SegmentResponse]:
+    """The bytes `request` puts on each hop of the application, and its answer, made in this process by the
+    functions the stages run.
+
+    The model pool's result is today's `ModelResult` of the runner's raw outputs, which the postprocessor
+    finishes with `encode_segmentation`: a new result type changes the two statements marked below.
+    """
+    item = prepare_request(request, tokenizer=models.tokenizer, geometry=models.geometry)
+    # What the model pool returns, and what the postprocessor makes of it:
+    result = ModelResult(item.original_size, runner.run([item])[0], dict(item.timings_ms), item.image_key)
+    segmentation = encode_segmentation(
+        result.outputs, result.original_size, APP_DEFAULTS.mask_chunk_pixels, with_instances=request.return_detections
+    )
+    response = to_response(segmentation, request.prompt_type, result.timings_ms, image_id=result.image_key)
+    return {
+        "client -> ingress (HTTP body, JSON)": len(request.model_dump_json().encode()),
+        "ingress -> preprocessor (pickled SegmentRequest)": pickled_bytes(request),
+        "preprocessor -> model pool (pickled prepared item)": pickled_bytes(item),
+        "model pool -> postprocessor (pickled model result)": pickled_bytes(result),
+        "postprocessor -> ingress (pickled SegmentResponse)": pickled_bytes(response),
+        "ingress -> client (HTTP body, JSON)": len(response.model_dump_json().encode()),
+    }, response
+
+
+def measure_hop_bytes(checkpoint: Path, args, photo: Path) -> tuple[dict[str, dict[str, int]], int]:
+    """`hop_bytes` of one representative request, on the first photo, as `run()` and as `run_with_detections()`
+    send it; and the instances in its answer."""
+    print("counting the bytes per hop", file=sys.stderr)
+    models = load_sam3(str(checkpoint), device=args.device, dtype=args.dtype)
+    runner = Sam3Runner(models, DEFAULT_SCORE_THRESHOLD)
+    image = encode_image(photo, timeout=None)
+    by_call = {}
+    for call, with_detections in (("run()", False), ("run_with_detections()", True)):
+        request = SegmentRequest(
+            image=image, **args.prompt, return_detections=with_detections, timeout_s=CLIENT_TIMEOUT_S
+        )
+        by_call[call], response = hop_bytes(request, models, runner)
+    del models, runner
+    gc.collect()
+    return by_call, len(response.scores)
 
 
 # ---------------------------------------------------------------- the application
@@ -651,6 +704,14 @@ def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, s
     print_table(title, headers, table, markdown)
 
 
+def print_hop_bytes(by_call: dict[str, dict[str, int]], instances: int, markdown: bool) -> None:
+    calls = list(by_call)
+    hops = list(by_call[calls[0]])
+    table = [[hop, *(f"{by_call[call][hop]:,}" for call in calls)] for hop in hops]
+    title = f"Bytes per hop, one request (the first photo, {instances} instances), from the stages' functions in process"
+    print_table(title, ["hop", *calls], table, markdown)
+
+
 def print_floor(rows: list[Measurement], markdown: bool) -> None:
     table = [[row.name, format_ms(row.percentile_ms(50)), format_ms(row.percentile_ms(95))] for row in rows]
     print_table("Bare Ray Serve floor, concurrency 1", ["configuration", "p50 ms", "p95 ms"], table, markdown)
@@ -779,6 +840,7 @@ def main() -> None:
     print_header(args, checkpoint, photos)
     in_process = measure_in_process(checkpoint, args, inputs) if "inprocess" in args.only else []
     prompts = measure_prompts(checkpoint, args, photos[0]) if "prompts" in args.only else []
+    hops = measure_hop_bytes(checkpoint, args, photos[0]) if "bytes" in args.only else None
     served, floor = [], []
     if {"http", "handle", "floor"} & set(args.only):
         ray_address = start_ray()
@@ -797,6 +859,8 @@ def main() -> None:
         print_measurements("In one process, one image at a time", in_process, args.markdown, served=False)
     if prompts:
         print_measurements("Several texts in one request, in one process", prompts, args.markdown, served=False)
+    if hops:
+        print_hop_bytes(*hops, args.markdown)
     if served:
         title = "The application, through the clients' run() (server stages: mean ms; client stages: median ms)"
         print_measurements(title, served, args.markdown, served=True)
