@@ -28,6 +28,8 @@ import itertools
 import os
 import pickle
 import platform
+import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -86,6 +88,8 @@ IN_PROCESS_WARMUP = 3
 STAGE_SAMPLES = 5
 FLOOR_REQUESTS = 50
 FLOOR_WARMUP = 5
+GPU_QUERY = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
+GPU_SAMPLE_S = 0.5
 ECHO_BODY_BYTES = 900_000
 ECHO_NAME = f"HTTP echo, {ECHO_BODY_BYTES // 1000} kB body"
 FLOOR_CHAINS = {
@@ -104,6 +108,8 @@ class Measurement:
     errors: int = 0
     key: tuple = ()  # what the targets look a row up by: (kind, input, concurrency, configuration)
     instances: float | None = None  # mean concept instances per answer
+    gpu_utilization: float | None = None  # mean over the timed requests, 0 to 1
+    gpu_memory_mib: float | None = None  # the most seen in use
     mean_batch: float | None = None
     busy_fraction: float | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
@@ -200,6 +206,44 @@ def median_ms(function: Callable[[], object], repeats: int = STAGE_SAMPLES) -> f
     return statistics.median(samples) * 1000
 
 
+class GpuSampler:
+    """`nvidia-smi` every 0.5 s in a background thread, while the `with` block runs: the GPUs' mean utilization
+    and the most memory in use. Without a GPU (or nvidia-smi) it samples nothing and its figures are None."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and shutil.which(GPU_QUERY[0]) is not None
+        self.samples: list[tuple[float, float]] = []  # (utilization %, MiB used), over all GPUs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="gpu-sampler")
+
+    def __enter__(self) -> "GpuSampler":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                output = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=5, check=True).stdout
+                gpus = [[float(value) for value in line.split(",")] for line in output.strip().splitlines()]
+                if gpus:
+                    self.samples.append((statistics.fmean(u for u, _ in gpus), sum(m for _, m in gpus)))
+            except (OSError, subprocess.SubprocessError, ValueError):
+                pass  # a sample lost, not the row
+            if self._stop.wait(GPU_SAMPLE_S):
+                return
+
+    def record(self, row: "Measurement") -> None:
+        if self.samples:
+            row.gpu_utilization = statistics.fmean(u for u, _ in self.samples) / 100
+            row.gpu_memory_mib = max(m for _, m in self.samples)
+
+
 def cycling(images: list, segment: Callable[[object], int | None]) -> Callable[[], int | None]:
     """A call that segments the next of `images` each time, from the first, round and round (thread-safe)."""
     calls = itertools.count()
@@ -219,21 +263,25 @@ def mean_instances(counts: list[int | None]) -> float | None:
 
 
 def time_sequential(
-    name: str, function: Callable[[], int | None], requests: int, warmup: int, key: tuple = ()
+    name: str, function: Callable[[], int | None], requests: int, warmup: int, key: tuple = (), gpu: bool = False
 ) -> Measurement:
     """One call at a time, as a user's loop runs; throughput is calls over the loop's wall time.
 
-    `function` returns the number of instances in its answer (None: unknown)."""
+    `function` returns the number of instances in its answer (None: unknown); with `gpu`, the GPU is sampled."""
     print(f"measuring {name}", file=sys.stderr)
     for _ in range(warmup):
         function()
     latencies, counts = [], []
-    started = time.perf_counter()
-    for _ in range(requests):
-        call_started = time.perf_counter()
-        counts.append(function())
-        latencies.append(time.perf_counter() - call_started)
-    return Measurement(name, latencies, time.perf_counter() - started, key=key, instances=mean_instances(counts))
+    with GpuSampler(gpu) as sampler:
+        started = time.perf_counter()
+        for _ in range(requests):
+            call_started = time.perf_counter()
+            counts.append(function())
+            latencies.append(time.perf_counter() - call_started)
+        wall_s = time.perf_counter() - started
+    row = Measurement(name, latencies, wall_s, key=key, instances=mean_instances(counts))
+    sampler.record(row)
+    return row
 
 
 def warm_up(function: Callable[[], object], concurrency: int) -> None:
@@ -243,7 +291,7 @@ def warm_up(function: Callable[[], object], concurrency: int) -> None:
 
 
 def time_concurrent(
-    name: str, function: Callable[[], int | None], requests: int, concurrency: int, key: tuple = ()
+    name: str, function: Callable[[], int | None], requests: int, concurrency: int, key: tuple = (), gpu: bool = False
 ) -> Measurement:
     """`concurrency` threads calling back to back (closed loop), at least one call per thread."""
 
@@ -256,12 +304,12 @@ def time_concurrent(
             return None
         return time.perf_counter() - started, count
 
-    with ThreadPoolExecutor(max_workers=concurrency) as threads:
+    with ThreadPoolExecutor(max_workers=concurrency) as threads, GpuSampler(gpu) as sampler:
         started = time.perf_counter()
         results = list(threads.map(timed_call, range(max(requests, concurrency))))
         wall_s = time.perf_counter() - started
     answered = [result for result in results if result is not None]
-    return Measurement(
+    row = Measurement(
         name,
         [latency for latency, _ in answered],
         wall_s,
@@ -269,6 +317,8 @@ def time_concurrent(
         key=key,
         instances=mean_instances([count for _, count in answered]),
     )
+    sampler.record(row)
+    return row
 
 
 # ---------------------------------------------------------------- in process
@@ -309,7 +359,7 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
     rows = []
     for label, images in inputs.items():
         name, key = f"transformers in process, {label}", ("transformers", label)
-        rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key))
+        rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key, args.gpu))
     del segment
     pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device, dtype=args.dtype))
 
@@ -318,7 +368,7 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
 
     for label, images in inputs.items():
         name, key = f"our core in process, {label}", ("core", label)
-        rows.append(time_sequential(name, cycling(images, core), args.requests, IN_PROCESS_WARMUP, key))
+        rows.append(time_sequential(name, cycling(images, core), args.requests, IN_PROCESS_WARMUP, key, args.gpu))
     del pipeline
     gc.collect()
     return rows
@@ -537,7 +587,7 @@ def measure_client(
     warm_up(cycling(indices, segment), concurrency)
     responses.clear()
     stats_before = model_pool_stats()
-    measurement = time_concurrent(name, cycling(indices, segment), args.requests, concurrency, key)
+    measurement = time_concurrent(name, cycling(indices, segment), args.requests, concurrency, key, args.gpu)
     measurement.mean_batch, measurement.busy_fraction = batch_and_busy(
         stats_before, model_pool_stats(), measurement.wall_s
     )
@@ -688,7 +738,7 @@ def stage_columns(rows: list[Measurement]) -> list[str]:
 
 def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, served: bool) -> None:
     """Throughput and latency; for the served rows also the model replica's figures and the time per stage."""
-    headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms", "instances"]
+    headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms", "instances", "GPU util", "GPU MiB"]
     stages = stage_columns(rows) if served else []
     if served:
         headers += ["errors", "mean batch", "model busy", *[f"{stage} ms" for stage in stages]]
@@ -696,6 +746,8 @@ def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, s
     for row in rows:
         cells = [row.name, f"{row.images_per_s:.2f}", *(format_ms(row.percentile_ms(q)) for q in (50, 95, 99))]
         cells.append(format_ms(row.instances))
+        cells.append("-" if row.gpu_utilization is None else f"{row.gpu_utilization:.0%}")
+        cells.append(format_ms(row.gpu_memory_mib, 0))
         if served:
             busy = "-" if row.busy_fraction is None else f"{row.busy_fraction:.0%}"
             cells += [str(row.errors), format_ms(row.mean_batch, 2), busy]
@@ -804,6 +856,7 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    args.gpu = args.device == "cuda"  # sample the GPU's utilization during the timed requests
     if args.dtype == "auto":  # resolved here: the application is told the name, float32 or bfloat16
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.images < 1:
