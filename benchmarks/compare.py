@@ -37,11 +37,12 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -73,7 +74,10 @@ from deployments.profiles import set_default_checkpoint
 
 SECTIONS = ("inprocess", "prompts", "bytes", "http", "handle", "floor")
 # scikit-image's colour photos (no download needed); the harness sends 640x480 crops of them.
-PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle")
+PHOTOS = (
+    "chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+    "stereo_motorcycle",
+)
 PHOTO_SIZE = (640, 480)
 PROMPT_COUNTS = (1, 4)
 PRESETS = ("tiny", "mid", "full")
@@ -81,6 +85,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 APP_DEFAULTS = AppArgs()
 DEFAULT_SCORE_THRESHOLD = APP_DEFAULTS.score_threshold  # the service's and transformers' row's, unless given
 MODEL_POOL = "Sam3ModelPool"
+SCALED_DEPLOYMENTS = ("Sam3Preprocessor", MODEL_POOL, "Sam3Postprocessor")  # replicas shown as pre/model/post
 # Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
 SERVER_STAGES = ("preprocess", "queue", "model", "postprocess")
 CLIENT_TIMEOUT_S = 1800.0
@@ -110,6 +115,7 @@ class Measurement:
     instances: float | None = None  # mean concept instances per answer
     gpu_utilization: float | None = None  # mean over the timed requests, 0 to 1
     gpu_memory_mib: float | None = None  # the most seen in use
+    replicas: str | None = None  # running replicas at the end, "pre/model/post"
     mean_batch: float | None = None
     busy_fraction: float | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
@@ -178,17 +184,16 @@ def print_header(args, checkpoint: Path, photos: list[Path]) -> None:
     print(f"checkpoint: {source}, {checkpoint} (random weights: masks meaningless, compute as real)")
     jpeg_kb = statistics.fmean(photo.stat().st_size for photo in photos) / 1000
     print(
-        f"device {args.device}, dtype {args.dtype} (in process and in the application); images: {len(photos)} distinct 640x480 JPEG photos (crops of scikit-image's "
-        f"{', '.join(PHOTOS)}; {jpeg_kb:.0f} kB on average), each request the next one, as a path and as a numpy "
-        f"array; text prompt {args.text!r}; {args.requests} timed requests per configuration (at least one per "
-        f"thread), after a warm-up"
+        f"device {args.device}, dtype {args.dtype} (in process and in the application); images: {len(photos)} "
+        f"distinct 640x480 JPEG photos (crops of scikit-image's {', '.join(PHOTOS)}; {jpeg_kb:.0f} kB on average), "
+        f"each request the next one, as a path and as a numpy array; text prompt {args.text!r}; {args.requests} "
+        f"timed requests per configuration (at least one per thread), after a warm-up"
     )
+    most = f"the {args.max_instances} best scoring" if args.max_instances else "all"
+    print(f"instances: {most} of those scoring above {args.score_threshold or DEFAULT_SCORE_THRESHOLD}")
     print(
-        f"instances kept: score above {args.score_threshold or DEFAULT_SCORE_THRESHOLD}, "
-        f"{'at most ' + str(args.max_instances) if args.max_instances else 'all of them'}"
-    )
-    print(
-        "the application's vision-feature cache is off (vision_cache_bytes: 0) except in the row named "
+        "the application: each autoscaled deployment pinned at its minimum replicas except in the row named "
+        "'autoscaling on'; the vision-feature cache off (vision_cache_bytes: 0) except in the row named "
         "'cache hits', which sends one photo again and again with the cache on"
     )
     print()
@@ -401,7 +406,9 @@ def pickled_bytes(value: object) -> int:
     return len(pickle.dumps(value, protocol=5))
 
 
-def hop_bytes(request: SegmentRequest, models: Sam3Models, runner: Sam3Runner) -> tuple[dict[str, int], SegmentResponse]:
+def hop_bytes(
+    request: SegmentRequest, models: Sam3Models, runner: Sam3Runner
+) -> tuple[dict[str, int], SegmentResponse]:
     """The bytes `request` puts on each hop of the application, and its answer, made in this process by the
     functions the stages run.
 
@@ -447,9 +454,11 @@ def measure_hop_bytes(checkpoint: Path, args, photo: Path) -> tuple[dict[str, di
 
 
 def start_ray() -> str:
-    """A fresh local Ray instance, as the tests start it (logical CPUs, so fractional replicas fit)."""
+    """A fresh local Ray instance, as the tests start it (logical CPUs, so fractional replicas fit; at least the
+    machine's cores, so that autoscaling has room on a larger machine)."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    num_cpus = max(8, os.cpu_count() or 1)
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return context.address_info["gcs_address"]
 
 
@@ -461,10 +470,10 @@ def app_config(
     *,
     dtype: str | None = None,
     vision_cache_bytes: int | None = None,
+    autoscaling: bool = False,
 ) -> dict:
-    """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas.
-
-    `dtype` and `vision_cache_bytes` (0: the cache off) replace the configured ones; None keeps them."""
+    """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas unless
+    `autoscaling`. `dtype` and `vision_cache_bytes` (0: the cache off) replace the configured ones; None keeps them."""
     if device == "cpu":
         config = cpu_config(str(checkpoint), port)
     else:
@@ -477,11 +486,11 @@ def app_config(
     if vision_cache_bytes is not None:
         config["applications"][0]["args"]["vision_cache_bytes"] = vision_cache_bytes
     for deployment in config["applications"][0]["deployments"]:
-        autoscaling = deployment.get("autoscaling_config")
-        if autoscaling is not None:  # pinned, not removed: the code's own autoscaling_config would apply
-            replicas = max(1, autoscaling.get("min_replicas", 1))
-            autoscaling.pop("initial_replicas", None)
-            autoscaling.update(min_replicas=replicas, max_replicas=replicas)
+        scaling = deployment.get("autoscaling_config")
+        if scaling is not None and not autoscaling:  # pinned, not removed: the code's own config would apply
+            replicas = max(1, scaling.get("min_replicas", 1))
+            scaling.pop("initial_replicas", None)
+            scaling.update(min_replicas=replicas, max_replicas=replicas)
         if deployment["name"] == MODEL_POOL and max_batch_size is not None:
             deployment["user_config"] = {**deployment.get("user_config", {}), "max_batch_size": max_batch_size}
     return config
@@ -572,11 +581,41 @@ def instance_counts(images: list[Path], args) -> list[int | None]:
     return [None if isinstance(answer, Sam3Error) else len(answer["scores"]) for answer in answers]
 
 
+def load_for(seconds: float, call: Callable[[], object], concurrency: int) -> None:
+    """`concurrency` threads calling back to back for `seconds`, untimed: time for autoscaling to act."""
+    deadline = time.monotonic() + seconds
+
+    def loop(_) -> None:
+        while time.monotonic() < deadline:
+            try:
+                call()
+            except Sam3Error as error:
+                print(f"  under load: {type(error).__name__}: {error}", file=sys.stderr)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as threads:
+        list(threads.map(loop, range(concurrency)))
+
+
+def running_replicas() -> str:
+    """The running replicas of the preprocessor, the model pool and the postprocessor, as "pre/model/post"."""
+    deployments = serve.status().applications[APP_NAME].deployments
+    return "/".join(str(deployments[name].replica_states.get("RUNNING", 0)) for name in SCALED_DEPLOYMENTS)
+
+
 def measure_client(
-    name: str, key: tuple, client, responses: list, images: list, counts: list, args, concurrency: int
+    name: str,
+    key: tuple,
+    client,
+    responses: list,
+    images: list,
+    counts: list,
+    args,
+    concurrency: int,
+    load_s: float = 0,
 ) -> Measurement:
     """`client.run` under load, one image after the other, with the model replica's stats around it and the
-    stage times after it. `counts` are the images' instances (`instance_counts`)."""
+    stage times and replica counts after it. `counts` are the images' instances (`instance_counts`); `load_s`
+    seconds of untimed load come first."""
     print(f"measuring {name}", file=sys.stderr)
 
     def segment(index: int) -> int | None:
@@ -584,6 +623,7 @@ def measure_client(
         return counts[index]
 
     indices = list(range(len(images)))
+    load_for(load_s, cycling(indices, segment), concurrency)
     warm_up(cycling(indices, segment), concurrency)
     responses.clear()
     stats_before = model_pool_stats()
@@ -596,10 +636,12 @@ def measure_client(
         **server_stage_means_ms(responses),
         "client decode": client_decode_ms(responses),
     }
+    measurement.replicas = running_replicas()
     return measurement
 
 
-def application_client(transport: str, url: str, *, reuse_images: bool) -> tuple[object, str, list]:
+@contextmanager
+def application_client(transport: str, url: str, *, reuse_images: bool) -> Iterator[tuple[object, str, list]]:
     """A client of `transport`, its label in row names, and the list its raw responses are recorded into."""
     if transport == "http":
         client, label = Sam3HttpClient(url, timeout=CLIENT_TIMEOUT_S, reuse_images=reuse_images), "HTTP"
@@ -607,45 +649,56 @@ def application_client(transport: str, url: str, *, reuse_images: bool) -> tuple
         client, label = Sam3HandleClient(APP_NAME, timeout=CLIENT_TIMEOUT_S, reuse_images=reuse_images), "handle"
     responses: list = []
     record_responses(client, responses)
-    return client, label, responses
+    try:
+        yield client, label, responses
+    finally:
+        if transport == "http":
+            client.close()
 
 
 def measure_application(
     checkpoint: Path, args, inputs: dict[str, list], ray_address: str, port: int, workdir: Path
 ) -> list[Measurement]:
-    """Each transport at each concurrency with the photo paths, and with the arrays at concurrency 1, batching on
-    and off, on distinct images with the vision-feature cache off; then one row of cache hits."""
+    """On distinct images with the vision-feature cache off: each transport at each concurrency with the photo
+    paths, and with the arrays at concurrency 1, batching on and off, each deployment pinned at its minimum
+    replicas; then the first transport at the highest concurrency with autoscaling on, after `--autoscale-load-s`
+    of load; then one row of cache hits (one photo again and again, the cache on as configured)."""
     transports = [transport for transport in ("http", "handle") if transport in args.only]
     runs = [("photo path", c) for c in args.concurrency] + [("numpy array", 1)]
+    photos, top = inputs["photo path"], max(args.concurrency)
     rows, counts, url = [], [], None
-    for batching, max_batch_size in (("batching on", None), ("batching off", 1)):
-        config = app_config(checkpoint, port, args.device, max_batch_size, dtype=args.dtype, vision_cache_bytes=0)
-        path = workdir / f"{batching.replace(' ', '-')}.yaml"
+
+    def deploy(name: str, **options) -> str:
+        nonlocal url
+        config = app_config(checkpoint, port, args.device, dtype=args.dtype, **options)
+        path = workdir / f"{name}.yaml"
         url = serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
-        counts = counts or instance_counts(inputs["photo path"], args)
+        return url
+
+    for batching, max_batch_size in (("batching on", None), ("batching off", 1)):
+        deploy(batching.replace(" ", "-"), max_batch_size=max_batch_size, vision_cache_bytes=0)
+        counts = counts or instance_counts(photos, args)
         for transport in transports:
-            client, label, responses = application_client(transport, url, reuse_images=False)
-            for input_label, concurrency in runs:
-                name = f"{label}, {input_label}, c={concurrency}, {batching}"
-                key = (transport, input_label, concurrency, batching)
-                images = inputs[input_label]
-                rows.append(measure_client(name, key, client, responses, images, counts, args, concurrency))
-            if transport == "http":
-                client.close()
-    config = app_config(checkpoint, port, args.device, None, dtype=args.dtype)
-    cache_url = redeploy(config, workdir / "cache-on.yaml", ray_address)
-    rows.append(measure_cache_hits(cache_url, transports[0], inputs["photo path"][0], counts[0], args))
+            with application_client(transport, url, reuse_images=False) as (client, label, responses):
+                for input_label, concurrency in runs:
+                    name = f"{label}, {input_label}, c={concurrency}, {batching}"
+                    key = (transport, input_label, concurrency, batching)
+                    images = inputs[input_label]
+                    rows.append(measure_client(name, key, client, responses, images, counts, args, concurrency))
+
+    deploy("autoscaling", max_batch_size=None, vision_cache_bytes=0, autoscaling=True)
+    with application_client(transports[0], url, reuse_images=False) as (client, label, responses):
+        name = f"{label}, photo path, c={top}, batching on, autoscaling on (after {args.autoscale_load_s:g} s of load)"
+        key = (transports[0], "photo path", top, "autoscaling")
+        load_s = args.autoscale_load_s
+        rows.append(measure_client(name, key, client, responses, photos, counts, args, top, load_s))
+
+    deploy("cache-on", max_batch_size=None)
+    with application_client(transports[0], url, reuse_images=True) as (client, label, responses):
+        name = f"{label}, one repeated photo (cache hits), c=1, batching on, cache on"
+        key = (transports[0], "cache hits", 1, "batching on")
+        rows.append(measure_client(name, key, client, responses, photos[:1], counts[:1], args, 1))
     return rows
-
-
-def measure_cache_hits(url: str, transport: str, photo: Path, count: int | None, args) -> Measurement:
-    """One photo again and again at concurrency 1, on the cache as configured, the client sending the photo's id."""
-    client, label, responses = application_client(transport, url, reuse_images=True)
-    name = f"{label}, one repeated photo (cache hits), c=1, batching on, cache on"
-    row = measure_client(name, (transport, "cache hits", 1, "batching on"), client, responses, [photo], [count], args, 1)
-    if transport == "http":
-        client.close()
-    return row
 
 
 # ---------------------------------------------------------------- the bare Serve floor
@@ -741,7 +794,8 @@ def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, s
     headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms", "instances", "GPU util", "GPU MiB"]
     stages = stage_columns(rows) if served else []
     if served:
-        headers += ["errors", "mean batch", "model busy", *[f"{stage} ms" for stage in stages]]
+        headers += ["errors", "mean batch", "model busy", "replicas pre/model/post"]
+        headers += [f"{stage} ms" for stage in stages]
     table = []
     for row in rows:
         cells = [row.name, f"{row.images_per_s:.2f}", *(format_ms(row.percentile_ms(q)) for q in (50, 95, 99))]
@@ -750,7 +804,7 @@ def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, s
         cells.append(format_ms(row.gpu_memory_mib, 0))
         if served:
             busy = "-" if row.busy_fraction is None else f"{row.busy_fraction:.0%}"
-            cells += [str(row.errors), format_ms(row.mean_batch, 2), busy]
+            cells += [str(row.errors), format_ms(row.mean_batch, 2), busy, row.replicas or "-"]
             cells += [format_ms(row.stages_ms.get(stage)) for stage in stages]
         table.append(cells)
     print_table(title, headers, table, markdown)
@@ -760,7 +814,7 @@ def print_hop_bytes(by_call: dict[str, dict[str, int]], instances: int, markdown
     calls = list(by_call)
     hops = list(by_call[calls[0]])
     table = [[hop, *(f"{by_call[call][hop]:,}" for call in calls)] for hop in hops]
-    title = f"Bytes per hop, one request (the first photo, {instances} instances), from the stages' functions in process"
+    title = f"Bytes per hop of one request (the first photo, {instances} instances), from the stages' own functions"
     print_table(title, ["hop", *calls], table, markdown)
 
 
@@ -835,6 +889,13 @@ def parse_args() -> argparse.Namespace:
         default="auto",
         help="of every model, in process and in the application; auto: bfloat16 on cuda, float32 on cpu",
     )
+    parser.add_argument(
+        "--autoscale-load-s",
+        type=float,
+        default=60,
+        help="untimed load at the highest concurrency before the autoscaling row, so autoscaling can act "
+        "(Serve waits upscale_delay_s, 30 s, before it adds a replica)",
+    )
     parser.add_argument("--requests", type=int, default=16, help="timed requests per configuration")
     parser.add_argument("--concurrency", default="1,8,32", help="client threads, comma-separated")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
@@ -866,11 +927,8 @@ def parse_args() -> argparse.Namespace:
     if args.max_instances is not None and args.max_instances < 1:
         parser.error("--max-instances must be at least 1")
     if args.max_instances is not None:
-        lacking = [
-            name
-            for name, function in (("the clients' run()", Sam3HttpClient.run), ("the core's prepare_item", prepare_item))
-            if "max_instances" not in inspect.signature(function).parameters
-        ]
+        takers = {"the clients' run()": Sam3HttpClient.run, "the core's prepare_item": prepare_item}
+        lacking = [name for name, takes in takers.items() if "max_instances" not in inspect.signature(takes).parameters]
         if lacking:
             parser.error(f"--max-instances: {' and '.join(lacking)} take no max_instances in this checkout yet")
     # What every request asks, in process and of the application; an option not given is not sent.
