@@ -86,6 +86,8 @@ APP_DEFAULTS = AppArgs()
 DEFAULT_SCORE_THRESHOLD = APP_DEFAULTS.score_threshold  # the service's and transformers' row's, unless given
 MODEL_POOL = "Sam3ModelPool"
 SCALED_DEPLOYMENTS = ("Sam3Preprocessor", MODEL_POOL, "Sam3Postprocessor")  # replicas shown as pre/model/post
+# Untimed load before the row that follows a restart of every replica: new processes are slow at first on 2 cores.
+SETTLE_S = 10
 # Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
 SERVER_STAGES = ("preprocess", "queue", "model", "postprocess")
 CLIENT_TIMEOUT_S = 1800.0
@@ -597,9 +599,15 @@ def load_for(seconds: float, call: Callable[[], object], concurrency: int) -> No
 
 
 def running_replicas() -> str:
-    """The running replicas of the preprocessor, the model pool and the postprocessor, as "pre/model/post"."""
+    """The replicas of the preprocessor, the model pool and the postprocessor, as "pre/model/post": those running,
+    and "+N" for those starting."""
     deployments = serve.status().applications[APP_NAME].deployments
-    return "/".join(str(deployments[name].replica_states.get("RUNNING", 0)) for name in SCALED_DEPLOYMENTS)
+    counts = []
+    for name in SCALED_DEPLOYMENTS:
+        states = deployments[name].replica_states
+        starting = sum(states.get(state, 0) for state in ("STARTING", "UPDATING", "RECOVERING"))
+        counts.append(f"{states.get('RUNNING', 0)}" + (f"+{starting}" if starting else ""))
+    return "/".join(counts)
 
 
 def measure_client(
@@ -669,15 +677,15 @@ def measure_application(
     rows, counts, url = [], [], None
 
     def deploy(name: str, **options) -> str:
-        nonlocal url
+        """`serve run` the first configuration, and each later one over the running application."""
         config = app_config(checkpoint, port, args.device, dtype=args.dtype, **options)
         path = workdir / f"{name}.yaml"
-        url = serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
-        return url
+        return serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
 
     for batching, max_batch_size in (("batching on", None), ("batching off", 1)):
-        deploy(batching.replace(" ", "-"), max_batch_size=max_batch_size, vision_cache_bytes=0)
-        counts = counts or instance_counts(photos, args)
+        url = deploy(batching.replace(" ", "-"), max_batch_size=max_batch_size, vision_cache_bytes=0)
+        if not counts:
+            counts = instance_counts(photos, args)
         for transport in transports:
             with application_client(transport, url, reuse_images=False) as (client, label, responses):
                 for input_label, concurrency in runs:
@@ -686,18 +694,18 @@ def measure_application(
                     images = inputs[input_label]
                     rows.append(measure_client(name, key, client, responses, images, counts, args, concurrency))
 
-    deploy("autoscaling", max_batch_size=None, vision_cache_bytes=0, autoscaling=True)
+    url = deploy("autoscaling", max_batch_size=None, vision_cache_bytes=0, autoscaling=True)
     with application_client(transports[0], url, reuse_images=False) as (client, label, responses):
         name = f"{label}, photo path, c={top}, batching on, autoscaling on (after {args.autoscale_load_s:g} s of load)"
         key = (transports[0], "photo path", top, "autoscaling")
         load_s = args.autoscale_load_s
         rows.append(measure_client(name, key, client, responses, photos, counts, args, top, load_s))
 
-    deploy("cache-on", max_batch_size=None)
+    url = deploy("cache-on", max_batch_size=None)  # args change: every replica restarts
     with application_client(transports[0], url, reuse_images=True) as (client, label, responses):
         name = f"{label}, one repeated photo (cache hits), c=1, batching on, cache on"
         key = (transports[0], "cache hits", 1, "batching on")
-        rows.append(measure_client(name, key, client, responses, photos[:1], counts[:1], args, 1))
+        rows.append(measure_client(name, key, client, responses, photos[:1], counts[:1], args, 1, SETTLE_S))
     return rows
 
 
@@ -794,7 +802,7 @@ def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, s
     headers = ["configuration", "images/s", "p50 ms", "p95 ms", "p99 ms", "instances", "GPU util", "GPU MiB"]
     stages = stage_columns(rows) if served else []
     if served:
-        headers += ["errors", "mean batch", "model busy", "replicas pre/model/post"]
+        headers += ["errors", "mean batch", "model busy", "replicas pre/model/post (+starting)"]
         headers += [f"{stage} ms" for stage in stages]
     table = []
     for row in rows:
