@@ -842,7 +842,7 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str
 
 
 def print_targets(rows: list[Measurement], args) -> None:
-    """The figures issue 8 sets targets on, from this run's rows ("-" where a section was not run)."""
+    """The figures issues 8 and 17 set targets on, from this run's rows ("-" where a section was not run)."""
 
     def p50(*key) -> float | None:
         row = find(rows, *key)
@@ -863,6 +863,9 @@ def print_targets(rows: list[Measurement], args) -> None:
         f"{p50('prompts', PROMPT_COUNTS[-1], kind) / p50('prompts', 1, kind):.2f}x" if p50("prompts", 1, kind) else "-"
         for kind in ("new", "cached")
     ]
+    top = max(args.concurrency)
+    http_top = find(rows, "http", "photo path", top, "batching on")
+    top_figures = "-" if http_top is None else f"{http_top.images_per_s:.2f} images/s, {format_ms(http_top.instances)}"
     source = f"preset {args.preset}" if args.checkpoint is None else str(args.checkpoint)
     lines = [
         f"overhead, HTTP p50 at c=1 minus our core's p50: photo path {overhead('photo path')} (target <= 30 ms on "
@@ -873,9 +876,13 @@ def print_targets(rows: list[Measurement], args) -> None:
         f"(target >= 1.0x on CPU, mid preset); batching on / off {ratio(http_8, batching_off)} (target >= 1.0x)",
         f"{PROMPT_COUNTS[-1]} texts in one request / 1 text, p50: texts new each call {four_over_one[0]}, "
         f"cached {four_over_one[1]} (target <= 1.5x)",
+        f"c={top}, photo path, HTTP: {top_figures} instances per answer, application / transformers in process "
+        f"{ratio(http_top, transformers_alone)}; HTTP p50 at c=1 {in_ms(p50('http', 'photo path', 1, 'batching on'))}, "
+        f"our core's {in_ms(p50('core', 'photo path'))} (issue 17, full preset, bf16 on a GPU: with <= 10 instances "
+        f">= 55 images/s and p50 within 10 ms of our core's; with ~150, >= 2.0x and p50 <= 150 ms)",
         f"this run: {source}, device {args.device}, dtype {args.dtype}",
     ]
-    print("### Targets (issue 8)" if args.markdown else "Targets (issue 8)")
+    print("### Targets (issues 8 and 17)" if args.markdown else "Targets (issues 8 and 17)")
     for line in lines:
         print(f"- {line}" if args.markdown else f"  {line}")
 
