@@ -1,22 +1,31 @@
 """Side by side in one run: transformers, our core, the application over HTTP and the handle, and Serve's floor.
 
-    python -m benchmarks.compare [--preset tiny|mid|full | --checkpoint DIR] [--device cpu] [--requests 16]
-                                 [--concurrency 1,8,32] [--only inprocess,http,handle,floor] [--markdown]
+    python -m benchmarks.compare [--preset tiny|mid|full | --checkpoint DIR] [--device cpu|cuda]
+        [--dtype auto|float32|bfloat16] [--images 48] [--score-threshold T] [--max-instances K] [--requests 16]
+        [--concurrency 1,8,32] [--autoscale-load-s 60] [--only inprocess,prompts,bytes,http,handle,floor] [--markdown]
 
-Same 640x480 photo (scikit-image's chelsea as a JPEG file, and its pixels as a numpy array) and the same
-text prompt everywhere:
-  inprocess  transformers' own pipeline one image at a time (what a user writes), and our core
-             (`Sam3Pipeline.segment`), each in this process;
-  http       the application through `Sam3HttpClient.run` at each concurrency (threads), batching on and off;
-  handle     the same through `Sam3HandleClient.run`, from this driver process;
+Each request sends the next of `--images` distinct 640x480 JPEG photos (crops of scikit-image's photos, as files
+and as their pixels in numpy arrays) with the same text prompt, and every model runs in `--dtype` (auto:
+bfloat16 on cuda, float32 on cpu):
+  inprocess  transformers' own pipeline one image at a time (what a user writes: `Sam3Model` + `Sam3Processor`,
+             `post_process_instance_segmentation`), and our core (`Sam3Pipeline.segment`), each in this process;
   prompts    our core in this process with one text and with four on the same photo (one vision pass),
              each with texts new to it on every call and with texts it has seen (cached encodings);
+  bytes      the bytes one request puts on each hop of the application, made by the stages' own functions in
+             this process (`hop_bytes`);
+  http       the application through `Sam3HttpClient.run` at each concurrency (threads), batching on and off;
+             then at the highest concurrency with autoscaling on; then one row of cache hits;
+  handle     the same through `Sam3HandleClient.run`, from this driver process;
   floor      a bare Serve application of the same shape (HTTP -> ingress -> three chained handle calls, no
              work), with small payloads and with a 3 MB and a 6 MB array between stages, and an HTTP echo.
-The application starts as the tests start it (`cpu_config` + `serve run` on a fresh local Ray), with each
-autoscaled deployment held at its minimum replica count, so figures do not depend on how long a
-configuration runs. Server stage times (`SegmentResponse.timings_ms`) and the model pool's `stats()` are
-printed when the running code has them, "-" otherwise, so the same command measures older commits too.
+The application starts as the tests start it (`cpu_config` + `serve run` on a fresh local Ray; serve_config.yaml
+on cuda) in the same dtype, with its vision-feature cache off, so no request is answered from another's
+features, and each autoscaled deployment held at its minimum replica count, so figures do not depend on how
+long a configuration runs. Two rows say otherwise in their names: 'autoscaling on' (after `--autoscale-load-s`
+of untimed load, so autoscaling can act) and 'cache hits' (one photo again and again, the cache on, the
+client sending the photo's id). Every row gives the mean instances per answer (`--score-threshold` and
+`--max-instances` set them: random weights keep about 146 of the full preset's 200 queries at 0.5, real
+weights a handful), and on cuda the GPU's mean utilization (nvidia-smi every 0.5 s).
 Random-weight checkpoints cost the same compute as real ones; their masks are meaningless.
 """
 
@@ -165,10 +174,6 @@ def preset_checkpoint(preset: str) -> Path:
     source_hash = hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
     out_dir = REPO / ".cache" / "benchmarks" / f"{preset}-{source_hash}"
     if not (out_dir / "model.safetensors").exists():
-        if "preset" not in inspect.signature(tiny_checkpoint.build_tiny_checkpoint).parameters:
-            if preset != "tiny":
-                sys.exit("this commit's checkpoint builder has no presets: build one and pass --checkpoint DIR")
-            return tiny_checkpoint.build_tiny_checkpoint(out_dir, image_size=112)
         tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)
     return out_dir
 
@@ -515,18 +520,11 @@ def redeploy(config: dict, path: Path, ray_address: str) -> str:
 
 
 def model_pool_stats() -> dict | None:
-    """Cumulative batch sizes and busy seconds of the model replica; None when there is not exactly one.
-
-    `stats()` is new; older code answers only `batch_size_counts()` (no busy time).
-    """
+    """Cumulative batch sizes and busy seconds of the model replica; None when there is not exactly one."""
     replicas = serve.status().applications[APP_NAME].deployments[MODEL_POOL].replica_states.get("RUNNING", 0)
     if replicas != 1:
         return None
-    handle = serve.get_deployment_handle(MODEL_POOL, APP_NAME)
-    try:
-        return handle.stats.remote().result(timeout_s=60)
-    except Exception:  # the method does not exist in this commit (Ray wraps the AttributeError)
-        return {"batch_sizes": handle.batch_size_counts.remote().result(timeout_s=60), "busy_s": None}
+    return serve.get_deployment_handle(MODEL_POOL, APP_NAME).stats.remote().result(timeout_s=60)
 
 
 def batch_and_busy(before: dict | None, after: dict | None, wall_s: float) -> tuple[float | None, float | None]:
@@ -537,8 +535,6 @@ def batch_and_busy(before: dict | None, after: dict | None, wall_s: float) -> tu
     sizes.subtract({int(k): v for k, v in before["batch_sizes"].items()})
     batches = sum(sizes.values())
     mean_batch = sum(size * count for size, count in sizes.items()) / batches if batches else None
-    if before.get("busy_s") is None or after.get("busy_s") is None:
-        return mean_batch, None
     return mean_batch, (after["busy_s"] - before["busy_s"]) / wall_s
 
 
@@ -558,10 +554,10 @@ def record_responses(client, responses: list) -> None:
 
 
 def server_stage_means_ms(responses: list) -> dict[str, float]:
-    """The mean of each stage the server reports in `timings_ms` (nothing when this commit sends none)."""
+    """The mean of each stage the server reports in `timings_ms`."""
     samples: dict[str, list[float]] = {}
     for response in responses:
-        for stage, ms in (getattr(response, "timings_ms", None) or {}).items():
+        for stage, ms in response.timings_ms.items():
             samples.setdefault(f"server {stage}", []).append(ms)
     return {stage: statistics.fmean(values) for stage, values in samples.items()}
 
