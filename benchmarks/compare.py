@@ -986,7 +986,10 @@ def main() -> None:
     if hops:
         print_hop_bytes(*hops, args.markdown)
     if served:
-        title = "The application, through the clients' run() (server stages: mean ms; client stages: median ms)"
+        title = (
+            "The application, through the clients' run() (server stages: mean ms; client stages: median ms; "
+            "instances: each image's, counted once with detections)"
+        )
         print_measurements(title, served, args.markdown, served=True)
     if floor:
         print_floor(floor, args.markdown)
