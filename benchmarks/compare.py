@@ -2,7 +2,8 @@
 
     python -m benchmarks.compare [--preset tiny|mid|full | --checkpoint DIR] [--device cpu|cuda]
         [--dtype auto|float32|bfloat16] [--images 48] [--score-threshold T] [--max-instances K] [--requests 16]
-        [--concurrency 1,8,32] [--autoscale-load-s 60] [--only inprocess,prompts,bytes,http,handle,floor] [--markdown]
+        [--concurrency 1,8,32] [--autoscale-load-s 60] [--only inprocess,prompts,bytes,http,handle,floor]
+        [--configurations batched,unbatched,autoscaling,cache-hits] [--markdown]
 
 Each request sends the next of `--images` distinct 640x480 JPEG photos (crops of scikit-image's photos, as files
 and as their pixels in numpy arrays) with the same text prompt, and every model runs in `--dtype` (auto:
@@ -14,7 +15,8 @@ bfloat16 on cuda, float32 on cpu):
   bytes      the bytes one request puts on each hop of the application, made by the stages' own functions in
              this process (`hop_bytes`);
   http       the application through `Sam3HttpClient.run` at each concurrency (threads), batching on and off;
-             then at the highest concurrency with autoscaling on; then one row of cache hits;
+             then at the highest concurrency with autoscaling on; then one row of cache hits
+             (`--configurations` chooses among these four);
   handle     the same through `Sam3HandleClient.run`, from this driver process;
   floor      a bare Serve application of the same shape (HTTP -> ingress -> three chained handle calls, no
              work), with small payloads and with a 3 MB and a 6 MB array between stages, and an HTTP echo.
@@ -32,7 +34,6 @@ Random-weight checkpoints cost the same compute as real ones; their masks are me
 import argparse
 import gc
 import hashlib
-import inspect
 import itertools
 import os
 import pickle
@@ -74,7 +75,7 @@ from client.rle import decode_mask
 from deployments.core import tiny_checkpoint
 from deployments.config import AppArgs
 from deployments.core.checkpoint import Sam3Models, load_sam3
-from deployments.core.pipeline import Sam3Pipeline, prepare_item, prepare_request
+from deployments.core.pipeline import Sam3Pipeline, prepare_request
 from deployments.core.postprocess import encode_segmentation, to_response
 from deployments.core.runner import Sam3Runner
 from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
@@ -82,6 +83,8 @@ from deployments.model_pool import ModelResult
 from deployments.profiles import set_default_checkpoint
 
 SECTIONS = ("inprocess", "prompts", "bytes", "http", "handle", "floor")
+# The application's configurations the http and handle sections run, in this order.
+CONFIGURATIONS = ("batched", "unbatched", "autoscaling", "cache-hits")
 # scikit-image's colour photos (no download needed); the harness sends 640x480 crops of them.
 PHOTOS = (
     "chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -417,17 +420,11 @@ def hop_bytes(
     request: SegmentRequest, models: Sam3Models, runner: Sam3Runner
 ) -> tuple[dict[str, int], SegmentResponse]:
     """The bytes `request` puts on each hop of the application, and its answer, made in this process by the
-    functions the stages run.
-
-    The model pool's result is today's `ModelResult` of the runner's raw outputs, which the postprocessor
-    finishes with `encode_segmentation`: a new result type changes the two statements marked below.
-    """
+    functions the stages run: the model pool's `ModelResult` holds the answer with its masks bit-packed, which
+    the postprocessor encodes as RLE."""
     item = prepare_request(request, tokenizer=models.tokenizer, geometry=models.geometry)
-    # What the model pool returns, and what the postprocessor makes of it:
-    result = ModelResult(item.original_size, runner.run([item])[0], dict(item.timings_ms), item.image_key)
-    segmentation = encode_segmentation(
-        result.outputs, result.original_size, APP_DEFAULTS.mask_chunk_pixels, with_instances=request.return_detections
-    )
+    result = ModelResult(runner.run([item])[0], dict(item.timings_ms), item.image_key)
+    segmentation = encode_segmentation(result.segmentation, APP_DEFAULTS.mask_chunk_pixels)
     response = to_response(segmentation, request.prompt_type, result.timings_ms, image_id=result.image_key)
     return {
         "client -> ingress (HTTP body, JSON)": len(request.model_dump_json().encode()),
@@ -444,7 +441,7 @@ def measure_hop_bytes(checkpoint: Path, args, photo: Path) -> tuple[dict[str, di
     send it; and the instances in its answer."""
     print("counting the bytes per hop", file=sys.stderr)
     models = load_sam3(str(checkpoint), device=args.device, dtype=args.dtype)
-    runner = Sam3Runner(models, DEFAULT_SCORE_THRESHOLD)
+    runner = Sam3Runner(models, DEFAULT_SCORE_THRESHOLD, mask_chunk_pixels=APP_DEFAULTS.mask_chunk_pixels)
     image = encode_image(photo, timeout=None)
     by_call = {}
     for call, with_detections in (("run()", False), ("run_with_detections()", True)):
@@ -678,7 +675,8 @@ def measure_application(
         path = workdir / f"{name}.yaml"
         return serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
 
-    for batching, max_batch_size in (("batching on", None), ("batching off", 1)):
+    pinned = {"batched": ("batching on", None), "unbatched": ("batching off", 1)}
+    for batching, max_batch_size in (pinned[name] for name in pinned if name in args.configurations):
         url = deploy(batching.replace(" ", "-"), max_batch_size=max_batch_size, vision_cache_bytes=0)
         if not counts:
             counts = instance_counts(photos, args)
@@ -690,6 +688,8 @@ def measure_application(
                     images = inputs[input_label]
                     rows.append(measure_client(name, key, client, responses, images, counts, args, concurrency))
 
+    if "autoscaling" not in args.configurations:
+        return rows
     url = deploy("autoscaling", max_batch_size=None, vision_cache_bytes=0, autoscaling=True)
     with application_client(transports[0], url, reuse_images=False) as (client, label, responses):
         name = f"{label}, photo path, c={top}, batching on, autoscaling on (after {args.autoscale_load_s:g} s of load)"
@@ -697,6 +697,8 @@ def measure_application(
         load_s = args.autoscale_load_s
         rows.append(measure_client(name, key, client, responses, photos, counts, args, top, load_s))
 
+    if "cache-hits" not in args.configurations:
+        return rows
     url = deploy("cache-on", max_batch_size=None)  # args change: every replica restarts
     with application_client(transports[0], url, reuse_images=True) as (client, label, responses):
         name = f"{label}, one repeated photo (cache hits), c=1, batching on, cache on"
@@ -912,6 +914,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16, help="timed requests per configuration")
     parser.add_argument("--concurrency", default="1,8,32", help="client threads, comma-separated")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--configurations",
+        default=",".join(CONFIGURATIONS),
+        help=f"the application's configurations that http and handle run, from {','.join(CONFIGURATIONS)}",
+    )
     parser.add_argument("--images", type=int, default=48, help="distinct photos the requests go through, in turn")
     parser.add_argument("--text", default="cat", help="the text prompt")
     parser.add_argument(
@@ -930,6 +937,10 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    args.configurations = args.configurations.split(",")
+    unknown = set(args.configurations) - set(CONFIGURATIONS)
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; choose from {','.join(CONFIGURATIONS)}")
     args.gpu = args.device == "cuda"  # sample the GPU's utilization during the timed requests
     if args.dtype == "auto":  # resolved here: the application is told the name, float32 or bfloat16
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -939,11 +950,6 @@ def parse_args() -> argparse.Namespace:
         parser.error("--score-threshold must be between 0 and 1")
     if args.max_instances is not None and args.max_instances < 1:
         parser.error("--max-instances must be at least 1")
-    if args.max_instances is not None:
-        takers = {"the clients' run()": Sam3HttpClient.run, "the core's prepare_item": prepare_item}
-        lacking = [name for name, takes in takers.items() if "max_instances" not in inspect.signature(takes).parameters]
-        if lacking:
-            parser.error(f"--max-instances: {' and '.join(lacking)} take no max_instances in this checkout yet")
     # What every request asks, in process and of the application; an option not given is not sent.
     args.prompt = {"text": args.text}
     if args.score_threshold is not None:

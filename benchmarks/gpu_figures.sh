@@ -7,12 +7,13 @@
 # compute is the real model's), then, most important first, each step's log in OUT_DIR:
 #   core-*     the model replica's work in one process (benchmarks.core_throughput, bf16, text prompts,
 #              distinct 640x480 images): one at a time and in batches of 8, with a profile of one batch;
-#   app-*      the application (benchmarks.compare --only inprocess,http): transformers' own pipeline, our
-#              core and the service over HTTP at concurrency 1, 8, 32, with many instances per answer
-#              (the random weights keep ~150) and with at most 8 (max_instances);
+#   app-*      the application (benchmarks.compare): transformers' own pipeline, our core and the service
+#              over HTTP at concurrency 1, 8, 32, with many instances per answer (the random weights keep
+#              ~150; with the bytes per hop and an autoscaling row) and with at most 8 (max_instances);
 #   parity-device  masks finished on the GPU against the same outputs finished on the CPU;
-#   parity-bf16  how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity).
-# STEPS (default "core app parity") chooses the groups to run; STEP_TIMEOUT (seconds, default 300) bounds each
+#   parity-bf16  how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity);
+#   autocast-core  the core with float32 weights under bf16 autocast (the more accurate bf16, how fast).
+# STEPS (default "core app parity") chooses the groups or steps to run; STEP_TIMEOUT (seconds, default 300) bounds each
 # step, so one that hangs leaves time for the rest.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/sam3-gpu}}
@@ -23,7 +24,8 @@ export PYTHONUNBUFFERED=1
 step() {
   local name=$1
   shift
-  if [ "$name" != checkpoint ] && [[ " ${STEPS:-core app parity} " != *" ${name%%-*} "* ]]; then return 0; fi
+  local steps=" ${STEPS:-core app parity} "
+  if [ "$name" != checkpoint ] && [[ $steps != *" $name "* && $steps != *" ${name%%-*} "* ]]; then return 0; fi
   echo "== $name: $*"
   timeout "${STEP_TIMEOUT:-300}" "$@" >"$out/$name.log" 2>&1
   echo "   exit $? after ${SECONDS}s"
@@ -35,9 +37,11 @@ nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv,noheader
 core=(python -m benchmarks.core_throughput --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --prompts text --requests 32)
 SHOW_LINES=30 step core-many "${core[@]}" --profile
 SHOW_LINES=8 step core-few "${core[@]}" --max-instances 8
-app=(python -m benchmarks.compare --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --only inprocess,http
-     --concurrency 1,8,32 --requests 64 --markdown)
-step app-many "${app[@]}"
-step app-few "${app[@]}" --max-instances 8
+app=(python -m benchmarks.compare --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --concurrency 1,8,32
+     --requests 64 --markdown)
+step app-many "${app[@]}" --only inprocess,bytes,http --configurations batched,autoscaling --autoscale-load-s 20
+step app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8
 SHOW_LINES=3 step parity-device python -m benchmarks.device_parity --checkpoint "$checkpoint"
 step parity-bf16 python -m benchmarks.bf16_parity --checkpoint "$checkpoint" --device cuda
+SHOW_LINES=8 step autocast-core python -m benchmarks.core_throughput --checkpoint "$checkpoint" --device cuda \
+  --dtype float32 --autocast --prompts text --requests 16
