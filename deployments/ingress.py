@@ -247,6 +247,8 @@ class Sam3Ingress:
         prepare = self.preprocessor.prepare.remote(request, model_id, deadline)
         in_flight.append(prepare)
         prepared = await prepare
+        if isinstance(prepared, Sam3Error):  # refused: the preprocessor returns it, so Serve logs no traceback
+            raise prepared
         result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=prepared.image_key)
         final = self.postprocessor.finish.remote(result, request.prompt_type, request.return_detections)
         in_flight += [result, final]
