@@ -1,6 +1,7 @@
 """How far an answer moves with its batch companions: each item batched with others against itself alone.
 
     python -m benchmarks.batch_parity [--sizes 56,112] [--batches 20] [--batch-sizes 4,8] [--checkpoint DIR]
+                                      [--device cpu]
 
 On a CPU a batch of 4 and a batch of 1 run different matrix kernels, so an image's logits differ in their
 last bits with the batch it ran in; the service batches requests as they arrive (and caches the features
@@ -57,8 +58,8 @@ def random_prompt(rng: np.random.Generator, height: int, width: int) -> dict:
     return {"points": [[rng.uniform(0, width), rng.uniform(0, height)]], "labels": [1]}
 
 
-def measure(checkpoint: str, batches: int, batch_size: int, seed: int = 0) -> Totals:
-    models = load_sam3(checkpoint)
+def measure(checkpoint: str, batches: int, batch_size: int, seed: int = 0, device: str = "cpu") -> Totals:
+    models = load_sam3(checkpoint, device=device)
     totals = Totals()
     for batch in range(batches):
         rng = np.random.default_rng([seed, batch_size, batch])
@@ -110,16 +111,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches per batch size and checkpoint")
     parser.add_argument("--batch-sizes", default="4,8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    checkpoints = [args.checkpoint] if args.checkpoint else [str(tiny_checkpoint_dir(int(s))) for s in args.sizes.split(",")]
-    print(f"score threshold {SCORE_THRESHOLD}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    sizes = [int(size) for size in args.sizes.split(",")]
+    checkpoints = [args.checkpoint] if args.checkpoint else [str(tiny_checkpoint_dir(size)) for size in sizes]
+    print(f"score threshold {SCORE_THRESHOLD}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {args.device}")
     print(f"{'checkpoint':<28}{'batch':>6}{'items':>7}{'inst':>6}{'pixels':>11}{'differ':>7}{'max/mask':>9}"
           f"{'max frac':>10}{'|dscore|':>10}{'|dbox| px':>11}{'|dlogit|':>10}{'flips':>6}{'out':>5}")  # fmt: skip
     grand = Totals()
     for checkpoint in checkpoints:
         for batch_size in (int(size) for size in args.batch_sizes.split(",")):
             started = time.perf_counter()
-            t = measure(checkpoint, args.batches, batch_size, args.seed)
+            t = measure(checkpoint, args.batches, batch_size, args.seed, args.device)
             print(f"{checkpoint.rstrip('/').rsplit('/', 1)[-1][:27]:<28}{batch_size:>6}{t.items:>7}{t.instances:>6}"
                   f"{t.compared_pixels:>11}{t.differing_pixels:>7}{t.max_mask_pixels:>9}{t.max_mask_fraction:>10.2e}"
                   f"{t.max_score_diff:>10.1e}{t.max_box_diff_px:>11.1e}{t.max_logit_diff:>10.1e}{t.maybe_flipped:>6}"
