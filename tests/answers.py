@@ -102,7 +102,8 @@ def _decoded(mask: Any) -> np.ndarray:
     if isinstance(mask, np.ndarray):
         return mask
     size, counts = (mask["size"], mask["counts"]) if isinstance(mask, dict) else (mask.size, mask.counts)
-    return coco_mask.decode({"size": list(size), "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    counts = counts.encode("ascii") if isinstance(counts, str) else counts
+    return coco_mask.decode({"size": list(size), "counts": counts})
 
 
 def _binary(mask: np.ndarray) -> np.ndarray:

@@ -219,7 +219,7 @@ def expected_from_references(references: list[dict], threshold: float) -> Expect
             masks=masks > 0 if len(masks) else None,
             scores=np.concatenate([reference["scores"] for reference in references]).astype(np.float64),
             boxes=np.concatenate([reference["boxes"] for reference in references]).astype(np.float64),
-            labels=np.concatenate([np.full(len(reference["scores"]), label) for label, reference in enumerate(references)]),
+            labels=np.concatenate([np.full(len(ref["scores"]), label) for label, ref in enumerate(references)]),
         ),
         threshold,
     )

@@ -12,7 +12,6 @@ from tests.answers import (
     SCORE_TOLERANCE,
     Answer,
     allowed_pixels,
-    answer_of,
     assert_close_answer,
     assert_same_answer,
     differences,
@@ -113,7 +112,8 @@ def test_every_form_of_an_answer_reads_the_same():
     ours = answer([0.9, 0.7], [SURE_A, SURE_B])
     response = SegmentResponse(
         prompt_type="text", height=H, width=W, union_mask=encode_mask(ours.union_mask),
-        masks=encode_masks(ours.masks), boxes=[tuple(box) for box in ours.boxes], scores=list(ours.scores), labels=[0, 0],
+        masks=encode_masks(ours.masks), boxes=[tuple(box) for box in ours.boxes], scores=list(ours.scores),
+        labels=[0, 0],
     )  # fmt: skip
     detections = {
         "union_mask": ours.union_mask.astype(np.uint8) * 255, "masks": [m.astype(np.uint8) * 255 for m in ours.masks],

@@ -29,7 +29,7 @@ def uses(folder: str, text: str) -> bool:
 
 def test_every_folder_of_tests_is_in_testpaths():
     paths = configured_testpaths()
-    collected = {folder for folder in folders_with_tests() if any(folder == p or folder.startswith(p + "/") for p in paths)}
+    collected = {folder for folder in folders_with_tests() if any(f"{folder}/".startswith(f"{p}/") for p in paths)}
     assert collected == folders_with_tests(), f"never run by `bash tests/run.sh`: {folders_with_tests() - collected}"
     assert all((REPO / path).is_dir() for path in paths), paths
 
