@@ -1,7 +1,9 @@
 """The Ray Serve handle client: the same API inside a Ray cluster (a Ray job, a Ray Data task), no HTTP.
 
 The `SegmentRequest` object goes to the ingress deployment's `segment` method as it is and a
-`SegmentResponse` comes back. Ray is imported only when a request is made, so `import client` stays light.
+`SegmentResponse` comes back, or the typed error (`client.errors`) the request failed with, which the client
+raises: the ingress returns it rather than raising it, so that an expected 4xx is not logged by Serve as a
+failed call with a traceback. Ray is imported only when a request is made, so `import client` stays light.
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ class Sam3HandleClient(SegmentClient):
         response = None
         try:
             response = segment.remote(request)
-            return response.result(timeout_s=timeout)
+            answer = response.result(timeout_s=timeout)
         except Exception as error:
             typed = as_sam3_error(error)
             # Serve's id of this call, which the ingress logs a failure under.
             typed.request_id = response.request_id if response is not None else None
             raise typed from error
+        if isinstance(answer, Sam3Error):  # the request failed: the ingress returns its typed error
+            typed = as_sam3_error(answer)
+            typed.request_id = answer.request_id or response.request_id
+            raise typed
+        return answer
 
     def _segment_handle(self) -> Any:
         """Looked up once, on first use, under a lock: a missing application is a `NotFoundError`.

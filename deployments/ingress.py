@@ -188,22 +188,25 @@ class Sam3Ingress:
         context = serve.get_replica_context()
         self.stages = StageWatch(context.app_name, context.deployment, args.unavailable_after_s)
 
-    async def segment(self, request: SegmentRequest) -> SegmentResponse:
-        """The one data path, for HTTP and Serve handle callers alike; raises typed `Sam3Error`s.
+    async def segment(self, request: SegmentRequest) -> SegmentResponse | Sam3Error:
+        """The one data path, for HTTP and Serve handle callers alike: the answer, or a typed `Sam3Error`.
 
-        Every answer is counted here, and every failure is logged with the request's id, which the error
-        carries back to the caller (handle callers get the exception itself, HTTP callers its JSON body).
+        The error is returned, not raised: Serve logs every exception raised out of a replica method with its
+        full traceback (and counts it as a failed request), but a bad request is expected traffic. Every
+        answer is counted here, and every failure is logged in one line with the request's id, which the
+        error carries back to the caller (handle callers get the exception, raised by the handle client;
+        HTTP callers its JSON body).
         """
         try:
             model_id = self.args.model_id_for(request.model_id)
         except ModelNotFoundError as error:
             self.record_failure(error, UNKNOWN, request.prompt_type)  # never a new series per unknown id
-            raise
+            return error
         try:
             response = await self._segment(request, model_id)
         except Sam3Error as error:
             self.record_failure(error, model_id, request.prompt_type)
-            raise
+            return error
         self.metrics.observe_answer(model_id, response)
         return response
 
@@ -244,10 +247,15 @@ class Sam3Ingress:
         prepare = self.preprocessor.prepare.remote(request, model_id, deadline)
         in_flight.append(prepare)
         prepared = await prepare
+        if isinstance(prepared, Sam3Error):  # refused: the preprocessor returns it, so Serve logs no traceback
+            raise prepared
         result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=prepared.image_key)
         final = self.postprocessor.finish.remote(result, request.prompt_type)
         in_flight += [result, final]
-        return await final
+        answer = await final
+        if isinstance(answer, Sam3Error):  # the model pool's typed error, passed on by the postprocessor
+            raise answer
+        return answer
 
     def record_failure(self, error: Sam3Error, model_id: str, prompt_type: str) -> None:
         """Count it, log it with the request id, and put that id on the error for the caller to quote."""
@@ -277,10 +285,9 @@ class Sam3Ingress:
         except Sam3Error as error:
             self.record_failure(error, UNKNOWN, UNKNOWN)
             return error_response(error, self.retry_after_s)
-        try:
-            response = await self.segment(request)
-        except Sam3Error as error:
-            return error_response(error, self.retry_after_s)
+        response = await self.segment(request)
+        if isinstance(response, Sam3Error):
+            return error_response(response, self.retry_after_s)
         return Response(
             response.model_dump_json(), media_type="application/json", headers={"Server-Timing": server_timing(response)}
         )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from client.errors import RequestTimeoutError
+from client.errors import RequestTimeoutError, Sam3Error
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
@@ -160,8 +160,11 @@ class Sam3ModelPool:
     def _loaded_models(self) -> list[LoadedModel]:
         return list(self._held.values())
 
-    async def run(self, item: PreparedItem, image_key: str | None = None) -> ModelResult:
+    async def run(self, item: PreparedItem, image_key: str | None = None) -> ModelResult | Sam3Error:
         """One request in, one result or one error out, whatever else shared its batch.
+
+        A typed error (an image no longer cached, a deadline passed, the device out of memory) is returned,
+        not raised, as the preprocessor's are: Serve would log each raised one with a traceback.
 
         The model is the request's multiplexed model id (the ingress sets it on the handle). `image_key` is
         `item.image_key` again, for the request router (`deployments.routing`), which sees the call's
@@ -169,9 +172,12 @@ class Sam3ModelPool:
         does not hold that image's features, is answered at once: the caller must send the image.
         """
         loaded = await self._loaded_model(serve.get_multiplexed_model_id() or self._args.default_model)
-        loaded.runner.check_image(item)  # before it joins a batch, which it would fail
+        try:
+            loaded.runner.check_image(item)  # before it joins a batch, which it would fail
+        except Sam3Error as error:
+            return error
         result = await loaded.batcher.submit((item, time.perf_counter()))
-        if isinstance(result, Exception):
+        if isinstance(result, Exception) and not isinstance(result, Sam3Error):
             raise result
         return result
 

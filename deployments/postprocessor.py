@@ -7,6 +7,7 @@ import time
 
 from ray import serve
 
+from client.errors import Sam3Error
 from client.protocol import PromptType, SegmentResponse
 from deployments.config import AppArgs
 from deployments.core.postprocess import encode_segmentation, to_response
@@ -24,6 +25,9 @@ class Sam3Postprocessor:
         timings_ms = {**result.timings_ms, "postprocess": (time.perf_counter() - started) * 1000}
         return to_response(segmentation, prompt_type, timings_ms, image_id=result.image_key)
 
-    async def finish(self, result: ModelResult, prompt_type: PromptType) -> SegmentResponse:
-        """RLE encoding is CPU-bound: run it off the replica's event loop."""
+    async def finish(self, result: ModelResult | Sam3Error, prompt_type: PromptType) -> SegmentResponse | Sam3Error:
+        """RLE encoding is CPU-bound: run it off the replica's event loop. The model pool's typed error for the
+        request is passed on as it came."""
+        if isinstance(result, Sam3Error):
+            return result
         return await asyncio.to_thread(self._finish, result, prompt_type)

@@ -7,6 +7,7 @@ import time
 
 from ray import serve
 
+from client.errors import Sam3Error
 from client.protocol import SegmentRequest
 from deployments.config import AppArgs
 from deployments.core.checkpoint import ModelGeometry, load_geometry, load_tokenizer
@@ -42,8 +43,16 @@ class Sam3Preprocessor:
         item.timings_ms["preprocess"] = (time.perf_counter() - started) * 1000
         return item
 
-    async def prepare(self, request: SegmentRequest, model_id: str, deadline: float | None = None) -> PreparedItem:
+    async def prepare(
+        self, request: SegmentRequest, model_id: str, deadline: float | None = None
+    ) -> PreparedItem | Sam3Error:
         """Decoding is CPU-bound: a worker thread keeps the replica's event loop free for new requests.
 
-        `model_id` is the one the ingress resolved (a served one), whose tokenizer and geometry apply."""
-        return await asyncio.to_thread(self._prepare, request, model_id, deadline)
+        `model_id` is the one the ingress resolved (a served one), whose tokenizer and geometry apply. A request
+        refused with a typed error (an undecodable image, a bad prompt) gets it returned, not raised: Serve logs
+        an exception raised out of a replica method with its traceback, and a bad request is expected traffic,
+        which the ingress logs in one line."""
+        try:
+            return await asyncio.to_thread(self._prepare, request, model_id, deadline)
+        except Sam3Error as error:
+            return error

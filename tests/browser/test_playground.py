@@ -2,7 +2,10 @@
 
 What the page draws is read back from its mask canvas and compared pixel for pixel with the masks the
 HTTP client gets for the same request. The tiny checkpoint's masks are meaningless (random weights),
-which does not matter here: the page must draw exactly what the service answers.
+which does not matter here: the page must draw exactly what the service answers. Bit for bit is what the
+service guarantees here (`tests/answers.py`): the page's request and the client's go one after the other
+on the same PNG, so both are answered from the features the replica cached for it (the client's by its
+bytes or its `image_id`: either path reaches them), each in a batch of one: the same computation.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from __future__ import annotations
 import signal
 import time
 
-import numpy as np
 import pytest
 import yaml
 
@@ -28,6 +27,7 @@ from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import Sam3Pipeline
 from deployments.launch import cpu_config
 from deployments.profiles import MODEL_POOL, with_model_resource
+from tests.answers import assert_close_answer, expect
 from tests.conftest import random_image
 from tests.ray_cluster import Cluster
 
@@ -91,7 +91,12 @@ def test_the_model_pool_runs_on_the_worker_node_and_everything_else_on_the_head(
     pipeline = Sam3Pipeline(load_sam3(str(tiny112_dir)))
     with Sam3HttpClient(url, timeout=60) as client:
         for prompt in PROMPTS:
-            np.testing.assert_array_equal(client.run(IMAGE, **prompt), pipeline.segment(IMAGE, **prompt).union_mask)
+            expected = expect(pipeline, IMAGE, **prompt)
+            assert expected.at_threshold().union_mask.any(), "an empty expected mask would say little"
+            # The first request sends the bytes, the next two IMAGE's `image_id` (the cached path). The
+            # service, whose replica caches what earlier batches computed, is held to the in-process answer
+            # within the bounds (tests/answers.py).
+            assert_close_answer(client.run(IMAGE, **prompt), expected)
 
 
 def call(client: Sam3HttpClient) -> tuple[float, Sam3Error | None]:

@@ -6,6 +6,7 @@ threshold low enough that every concept query is kept, so every query's score, b
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from deployments.core.checkpoint import load_sam3
 from deployments.core.pipeline import prepare_item
 from deployments.core.postprocess import ConceptOutput
 from deployments.core.runner import PreparedItem, Sam3Runner
+from tests.answers import LOGIT_TOLERANCE
 from tests.conftest import random_image
 
 KEEP_EVERY_QUERY = 1e-9
@@ -86,9 +88,8 @@ def test_a_warm_answer_in_a_mixed_batch_equals_the_same_batch_cold(models):
     # Counted per request: images[0] missed alone, then hit twice; images[1] missed.
     assert (stats.hits, stats.misses, stats.images_held) == (2, 2, 2)
     for cold_answer, warm_answer in zip(cold, warm):
-        torch.testing.assert_close(
-            warm_answer[0].mask_logits, cold_answer[0].mask_logits, rtol=1e-4, atol=1e-4
-        )  # images[0] was encoded alone, then batched: batch kernels differ in the last bits
+        # images[0] was encoded alone, then batched with images[1]: batch kernels differ in the last bits.
+        assert (warm_answer[0].mask_logits - cold_answer[0].mask_logits).abs().max() <= LOGIT_TOLERANCE
 
 
 def test_the_same_new_image_twice_in_a_batch_is_encoded_once(models):

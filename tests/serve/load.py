@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,20 @@ class LoadGenerator:
             except Exception as error:  # every failure is recorded and asserted on by the test
                 with self._lock:
                     self.failures.append(error)
+
+    def wait_for_answers(self, count: int, timeout_s: float = 180) -> None:
+        """Until `count` requests in all have been answered (right or wrong); an `AssertionError` after `timeout_s`.
+
+        Tests wait for answers, which the code guarantees, rather than sleep for a time that gives enough of them
+        on an idle machine only.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.answered < count:
+            assert time.monotonic() < deadline, (
+                f"{self.answered} of {count} requests answered in {timeout_s} s; {len(self.failures)} failed: "
+                f"{self.failures[-3:]}"
+            )
+            time.sleep(0.1)
 
     def set_concurrency(self, concurrency: int) -> None:
         """Callers above `concurrency` finish their current request and stop; new ones start."""

@@ -47,12 +47,16 @@ RESPONSE = SegmentResponse(
 
 
 class FakeHandle:
-    """Stands in for the ingress `DeploymentHandle`: `handle.segment.remote(request).result(timeout_s=...)`."""
+    """Stands in for the ingress `DeploymentHandle`: `handle.segment.remote(request).result(timeout_s=...)`.
+
+    The ingress returns a request's typed error (`returned`); Ray and Serve raise theirs (`failures`, `outcome`).
+    """
 
     def __init__(self) -> None:
         self.requests: list[SegmentRequest] = []
         self.timeouts: list[float | None] = []
         self.failures: list[BaseException] = []  # raised by the first calls, in turn
+        self.returned: list[Sam3Error] = []  # then returned by the next calls, in turn, as the ingress does
         self.outcome: Any = RESPONSE  # what `.result()` returns then, or raises if it is an exception
         self.segment = self
 
@@ -69,6 +73,8 @@ class FakeHandle:
         self.timeouts.append(timeout_s)
         if self.failures:
             raise self.failures.pop(0)
+        if self.returned:
+            return self.returned.pop(0)
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
@@ -302,3 +308,48 @@ def test_a_failed_call_carries_serves_request_id(client, handle):
         client.run(IMAGE, text="cat")
     assert raised.value.request_id == handle.request_id == "call-1"
     assert "call-1" in str(raised.value)
+
+
+def returned_by_the_ingress(error: Sam3Error, request_id: str | None = "ingress-id") -> Sam3Error:
+    """A typed error as the ingress returns it: logged under the request's id, which it carries."""
+    error.request_id = request_id
+    return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidImageError("cannot decode the image"),
+        PromptTooLongError("too many tokens"),
+        NotFoundError("no model 'sam2'"),
+        error_from_code("brand_new", "something new"),
+        Sam3Error("internal error (RuntimeError)"),
+    ],
+)
+def test_a_typed_error_the_ingress_returns_is_raised_as_it_is(client, handle, clock, error):
+    """The ingress returns a request's typed error instead of raising it (Serve would log a traceback for a
+    raised one); the client raises the same type, code, message and request id, and does not retry a 4xx."""
+    handle.returned = [returned_by_the_ingress(error)]
+    with pytest.raises(Sam3Error) as raised:
+        client.run(IMAGE, text="cat")
+    assert type(raised.value) is type(error)
+    assert (raised.value.code, raised.value.message) == (error.code, error.message)
+    assert raised.value.request_id == "ingress-id"
+    assert len(handle.requests) == 1 and clock.sleeps == []
+
+
+def test_a_returned_503_is_retried_and_an_error_without_an_id_gets_the_calls(client, handle, clock):
+    handle.returned = [returned_by_the_ingress(ServiceUnavailableError("busy"))]
+    np.testing.assert_array_equal(client.run(IMAGE, text="cat"), MASK)
+    assert len(handle.requests) == 2 and len(clock.sleeps) == 1
+    handle.returned = [returned_by_the_ingress(InvalidPromptError("bad"), request_id=None)]
+    with pytest.raises(InvalidPromptError) as raised:
+        client.run(IMAGE, text="cat")
+    assert raised.value.request_id == handle.request_id == "call-3"
+
+
+def test_bulk_calls_give_a_returned_error_in_its_slot(client, handle):
+    handle.returned = [returned_by_the_ingress(InvalidImageError("cannot decode the image"))]
+    results = client.run_many([IMAGE, IMAGE], text="cat", concurrency=1)
+    assert type(results[0]) is InvalidImageError and results[0].request_id == "ingress-id"
+    np.testing.assert_array_equal(results[1], MASK)
