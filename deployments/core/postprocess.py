@@ -106,7 +106,7 @@ def finish_segmentation(
 ) -> PackedSegmentation:
     """One request's raw outputs, on their device, to its packed answer on the host.
 
-    Two waits for the device: the number of kept instances, and the copy of the finished arrays (into
+    Two waits for the device: which instances are kept, and the copy of the finished arrays (into
     page-locked memory on a GPU, one synchronisation for all of them).
     """
     height, width = original_size
@@ -117,7 +117,7 @@ def finish_segmentation(
     chunk_size = masks_per_chunk(height, width, chunk_pixels)
     start = 0
     for binary in concept_mask_chunks(logits, height, width, chunk_size):
-        union |= binary.any(dim=0)
+        union |= _any_of(binary)
         if with_instances:
             packed[start : start + binary.shape[0]] = pack_masks(binary)
         start += binary.shape[0]
@@ -129,6 +129,11 @@ def finish_segmentation(
         scores, boxes, labels = scores[:0], boxes[:0], labels[:0]
     host = _to_host([scores, boxes, labels, packed, pack_masks(union[None])])
     return PackedSegmentation(original_size, *host)
+
+
+def _any_of(binary: torch.Tensor) -> torch.Tensor:
+    """Pixelwise OR of boolean masks [K, H, W]; as a uint8 max, which a CPU runs some 50x faster than `any`."""
+    return binary.view(torch.uint8).amax(dim=0).view(torch.bool)
 
 
 def _ranked_instances(
@@ -150,16 +155,34 @@ def _ranked_instances(
     scores = torch.cat([output.scores for _, output in concepts])
     kept = torch.cat([output.scores > output.score_threshold for _, output in concepts])
     order = order_by_score_descending(torch.where(kept, scores, float("-inf")))
-    count = int(kept.sum())
-    if max_instances is not None:
-        count = min(count, max_instances)
+    # The one wait for the device before the masks: how many are kept, and which (a few kB).
+    counted = torch.cat([kept.sum().view(1), order]).cpu().numpy()
+    count = int(counted[0]) if max_instances is None else min(int(counted[0]), max_instances)
     top = order[:count]
     labels = torch.cat(
         [torch.full((len(output.scores),), label, dtype=torch.int64, device=device) for label, output in concepts]
     )
     boxes = torch.cat([output.boxes for _, output in concepts])
-    logits = torch.cat([output.mask_logits for _, output in concepts])
-    return scores[top], scale_boxes(boxes[top], height, width), labels[top], logits[top]
+    logits = _gather_rows([output.mask_logits for _, output in concepts], counted[1 : 1 + count])
+    return scores[top], scale_boxes(boxes[top], height, width), labels[top], logits
+
+
+def _gather_rows(parts: list[torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+    """`torch.cat(parts)[rows]` that copies only the chosen rows: all of a prompt's query masks are 66 MB."""
+    starts = np.cumsum([0] + [len(part) for part in parts])
+    part_of = np.searchsorted(starts, rows, side="right") - 1
+    pieces, positions = [], []
+    for index, part in enumerate(parts):
+        mine = np.flatnonzero(part_of == index)
+        if len(mine):
+            pieces.append(part[torch.as_tensor(rows[mine] - starts[index], device=part.device)])
+            positions.append(mine)
+    if not pieces:
+        return parts[0][:0]
+    if len(pieces) == 1:  # one prompt's rows, already in the asked order
+        return pieces[0]
+    back_to_asked_order = torch.as_tensor(np.argsort(np.concatenate(positions)), device=pieces[0].device)
+    return torch.cat(pieces)[back_to_asked_order]
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ import torch
 from client.rle import decode_mask
 from deployments.core.masks import (
     concept_masks_to_uint8,
+    pack_bits_on_device,
     pack_masks,
     scale_boxes,
     tracker_masks_to_uint8,
@@ -155,7 +156,9 @@ def test_packing_round_trips_in_column_major_order(size):
     height, width = size
     binary = torch.rand(4, height, width, generator=torch.Generator().manual_seed(height * width)) > 0.5
     packed = pack_masks(binary).numpy()
-    np.testing.assert_array_equal(packed, np.packbits(binary.transpose(1, 2).reshape(4, -1).numpy(), axis=1))
+    columns = binary.transpose(1, 2).reshape(4, -1)
+    np.testing.assert_array_equal(packed, np.packbits(columns.numpy(), axis=1))
+    np.testing.assert_array_equal(pack_bits_on_device(columns).numpy(), packed)  # the GPU's way, run on the CPU
     columns = unpack_masks(packed, height, width)
     assert columns.shape == (height, width, 4) and columns.flags.f_contiguous
     np.testing.assert_array_equal(columns.transpose(2, 0, 1), binary.numpy())
