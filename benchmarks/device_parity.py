@@ -22,7 +22,11 @@ from deployments.core.pipeline import Sam3Pipeline
 from deployments.core.postprocess import finish_segmentation, unpack_segmentation
 from tests.conftest import random_image
 
-PROMPTS = ({"text": "a red car"}, {"points": [[320, 240]], "labels": [1]})
+PROMPTS = (
+    {"text": "a red car"},
+    {"text": ["a red car", "cat", "dog"], "max_instances": 5},
+    {"points": [[320, 240]], "labels": [1]},
+)
 
 
 def on_cpu(output):
@@ -47,8 +51,9 @@ def main() -> None:
             item = pipeline.prepare(random_image(480, 640, seed=seed), **prompt)
             (outputs,) = pipeline.runner.forward([item])
             size = item.original_size
-            gpu = unpack_segmentation(finish_segmentation(outputs, size, chunk_pixels=16_000_000))
-            cpu = unpack_segmentation(finish_segmentation([on_cpu(o) for o in outputs], size, chunk_pixels=16_000_000))
+            options = {"chunk_pixels": 16_000_000, "max_instances": item.max_instances}
+            gpu = unpack_segmentation(finish_segmentation(outputs, size, **options))
+            cpu = unpack_segmentation(finish_segmentation([on_cpu(o) for o in outputs], size, **options))
             equal_scores &= np.array_equal(gpu.scores, cpu.scores)
             equal_boxes &= np.array_equal(gpu.boxes, cpu.boxes)
             masks = [np.concatenate([s.masks.reshape(-1), s.union_mask.reshape(-1)]) for s in (gpu, cpu)]

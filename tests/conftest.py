@@ -29,7 +29,7 @@ def tiny_checkpoint_dir(size: int) -> Path:
 
 
 def preset_checkpoint_dir(preset: str) -> Path:
-    """Build (or reuse) a preset's random-weight checkpoint at its own resolution (`mid`: 1008 px, narrow)."""
+    """Build (or reuse) a preset's random-weight checkpoint at its own resolution (`mid`: 504 px, a 12-layer ViT)."""
     out_dir = _test_cache() / f"{preset}-{_builder_hash()}"
     if not (out_dir / "model.safetensors").exists():
         tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)

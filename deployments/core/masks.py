@@ -95,13 +95,6 @@ def _stack_uint8(chunks: Iterator[torch.Tensor], count: int, height: int, width:
     return np.multiply(out, np.uint8(255), out=out)
 
 
-def union_mask(masks_uint8: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pixelwise OR of 0/255 masks [K, H, W] into one [H, W] mask; all zeros when K == 0."""
-    if masks_uint8.shape[0] == 0:
-        return np.zeros((height, width), dtype=np.uint8)
-    return masks_uint8.max(axis=0)
-
-
 def order_by_score_descending(scores: torch.Tensor) -> torch.Tensor:
     """Permutation sorting ``scores`` high to low; stable, so tied scores keep their query order."""
     return torch.sort(scores, descending=True, stable=True).indices

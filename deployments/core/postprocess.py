@@ -24,6 +24,7 @@ from client.protocol import PromptType, RleMask, SegmentResponse
 from client.rle import encode_stacked
 from deployments.core.masks import (
     concept_mask_chunks,
+    keep_above,
     masks_per_chunk,
     order_by_score_descending,
     pack_masks,
@@ -112,7 +113,8 @@ def finish_segmentation(
     height, width = original_size
     device = outputs[0].mask_logits.device if outputs else torch.device("cpu")
     scores, boxes, labels, logits = _ranked_instances(outputs, height, width, max_instances, device)
-    packed = torch.empty((len(scores) if with_instances else 0, packed_mask_bytes(height, width)), dtype=torch.uint8, device=device)
+    packed_shape = (len(scores) if with_instances else 0, packed_mask_bytes(height, width))
+    packed = torch.empty(packed_shape, dtype=torch.uint8, device=device)
     union = torch.zeros((height, width), dtype=torch.bool, device=device)
     chunk_size = masks_per_chunk(height, width, chunk_pixels)
     start = 0
@@ -153,7 +155,7 @@ def _ranked_instances(
             torch.zeros((0, 1, 1), dtype=torch.float32, device=device),
         )
     scores = torch.cat([output.scores for _, output in concepts])
-    kept = torch.cat([output.scores > output.score_threshold for _, output in concepts])
+    kept = torch.cat([keep_above(output.scores, output.score_threshold) for _, output in concepts])
     order = order_by_score_descending(torch.where(kept, scores, float("-inf")))
     # The one wait for the device before the masks: how many are kept, and which (a few kB).
     counted = torch.cat([kept.sum().view(1), order]).cpu().numpy()

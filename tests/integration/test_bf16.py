@@ -7,7 +7,7 @@ cast to bf16, what `dtype: bfloat16` and a GPU's `dtype: auto` do; `autocast` is
 | checkpoint, device, mode | mean IoU | min IoU | max abs score diff | max abs box diff | flips |
 |---|---|---|---|---|---|
 | tiny 112 px, CPU, cast | >= 0.989 | >= 0.955 | 0.024 | 2.3 px | 0 |
-| mid (1008 px), CPU, cast | 0.984 | 0.952 | 0.060 | 2.8 px | 5 / 400 |
+| mid (504 px), CPU, cast | 0.984 | 0.952 | 0.060 | 2.8 px | 5 / 400 |
 | full (1008 px), H100, cast | 0.997 | 0.955 | 0.055 | 7.4 px | 17 / 1600 |
 | full (1008 px), H100, autocast | 0.998 | 0.977 | 0.027 | 0.24 px | 10 / 1600 |
 

@@ -15,7 +15,6 @@ from deployments.core.masks import (
     order_by_score_descending,
     scale_boxes,
     tracker_masks_to_uint8,
-    union_mask,
 )
 
 NUM_QUERIES = 24
@@ -111,31 +110,16 @@ def test_output_is_uint8_zero_or_255(to_uint8):
 
 
 @pytest.mark.parametrize("to_uint8", MASK_FUNCTIONS)
-def test_no_masks_gives_empty_array_and_zero_union(to_uint8):
+def test_no_masks_gives_an_empty_array(to_uint8):
     masks = to_uint8(torch.empty(0, *LOW_RES), 37, 53, chunk_size=4)
     assert masks.dtype == np.uint8
     assert masks.shape == (0, 37, 53)
-    union = union_mask(masks, 37, 53)
-    assert union.dtype == np.uint8
-    assert union.shape == (37, 53)
-    assert not union.any()
 
 
 @pytest.mark.parametrize("to_uint8", MASK_FUNCTIONS)
 def test_chunk_size_must_be_positive(to_uint8):
     with pytest.raises(ValueError):
         to_uint8(_random_logits(2), 8, 8, chunk_size=0)
-
-
-def test_union_mask_is_pixelwise_or():
-    masks = np.zeros((3, 2, 3), dtype=np.uint8)
-    masks[0, 0, 0] = 255
-    masks[1, 1, 2] = 255
-    masks[2, 0, 0] = 255
-    expected = np.array([[255, 0, 0], [0, 0, 255]], dtype=np.uint8)
-    union = union_mask(masks, 2, 3)
-    assert union.dtype == np.uint8
-    assert np.array_equal(union, expected)
 
 
 def test_order_by_score_descending_keeps_query_order_for_ties():

@@ -33,7 +33,6 @@ from deployments.core.masks import (
     concept_masks_to_uint8,
     order_by_score_descending,
     tracker_masks_to_uint8,
-    union_mask,
 )
 from deployments.core.prompts import ConceptPrompt, PointPrompt, build_prompts
 from tests.conftest import tiny_checkpoint_dir
@@ -412,21 +411,6 @@ def test_masks_to_uint8_shape_values_and_chunk_independence(logits, size, chunk,
     all_at_once = function(logits, height, width, chunk_size=max(1, logits.shape[0]))
     np.testing.assert_array_equal(masks, all_at_once)
     np.testing.assert_array_equal(masks, function(logits, height, width, chunk_size=1))
-
-
-@settings(RELAXED, max_examples=100)
-@given(
-    masks=st.tuples(st.integers(0, 5), st.integers(1, 20), st.integers(1, 20)).flatmap(
-        lambda shape: hnp.arrays(np.uint8, shape, elements=st.sampled_from([0, 255]))
-    )
-)
-def test_union_mask_is_the_pixelwise_max(masks):
-    _, height, width = masks.shape
-    union = union_mask(masks, height, width)
-    assert union.dtype == np.uint8 and union.shape == (height, width)
-    expected = masks.max(axis=0) if masks.shape[0] else np.zeros((height, width), np.uint8)
-    np.testing.assert_array_equal(union, expected)
-    np.testing.assert_array_equal(union, np.where((masks != 0).any(axis=0), 255, 0))
 
 
 @settings(RELAXED, max_examples=100)
