@@ -62,9 +62,10 @@ class Sam3Runner:
     """Runs prepared batches on the shared-ViT models and finishes each answer on the model's device.
 
     Nothing per query or per pixel leaves the device but the answer: kept instances, sorted, with their
-    full-size masks bit-packed (`postprocess.finish_segmentation`). Text encodings are kept across batches (least recently used evicted): a service sees the same
-    concepts again and again, and the text encoder is 354M parameters of the real model. With
-    `vision_cache_bytes`, so are the vision features of images that carry an `image_key`.
+    full-size masks bit-packed (`postprocess.finish_segmentation`). Text encodings are kept across batches
+    (least recently used evicted): a service sees the same concepts again and again, and the text encoder
+    is 354M parameters of the real model. With `vision_cache_bytes`, so are the vision features of images
+    that carry an `image_key`.
     """
 
     def __init__(
