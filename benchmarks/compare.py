@@ -74,7 +74,7 @@ from client.images import encode_image
 from client.rle import decode_mask
 from deployments.core import tiny_checkpoint
 from deployments.config import AppArgs
-from deployments.core.checkpoint import Sam3Models, load_sam3
+from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_dtype
 from deployments.core.pipeline import Sam3Pipeline, prepare_request
 from deployments.core.postprocess import encode_segmentation, to_response
 from deployments.core.runner import Sam3Runner
@@ -942,8 +942,8 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; choose from {','.join(CONFIGURATIONS)}")
     args.gpu = args.device == "cuda"  # sample the GPU's utilization during the timed requests
-    if args.dtype == "auto":  # resolved here: the application is told the name, float32 or bfloat16
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    # Resolved here, by the server's own rule: the application is told the name, float32 or bfloat16.
+    args.dtype = resolve_dtype(args.dtype, args.device)
     if args.images < 1:
         parser.error("--images must be at least 1")
     if args.score_threshold is not None and not 0 < args.score_threshold < 1:

@@ -17,11 +17,11 @@ def encode_mask(mask: np.ndarray) -> RleMask:
 def encode_masks(masks: np.ndarray) -> list[RleMask]:
     """(K, H, W) masks to K compressed RLEs in one pycocotools call (it wants them as Fortran (H, W, K))."""
     binary = masks if masks.dtype == np.bool_ else masks != 0
-    return encode_stacked(np.asfortranarray(binary.transpose(1, 2, 0), dtype=np.uint8))
+    return encode_stacked(binary.transpose(1, 2, 0))
 
 
 def encode_stacked(stacked: np.ndarray) -> list[RleMask]:
-    """(H, W, K) 0/1 uint8 masks to K compressed RLEs; Fortran-ordered input is encoded without a copy."""
+    """(H, W, K) 0/1 masks to K compressed RLEs; Fortran-ordered uint8 input is encoded without a copy."""
     return [
         RleMask(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"].decode("ascii"))
         for rle in coco_mask.encode(np.asfortranarray(stacked, dtype=np.uint8))
