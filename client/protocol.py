@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 API_VERSION = "v1"
 SEGMENT_PATH = f"/{API_VERSION}/segment"
 HEALTH_PATH = f"/{API_VERSION}/health"
+# 200 once every stage has a running replica, else 503 with the reason: what load balancers and probes ask.
+READY_PATH = f"/{API_VERSION}/ready"
 # Every answer carries it (the caller's own id if it sent one), and the server logs failures under it.
 REQUEST_ID_HEADER = "x-request-id"
 INFO_PATH = f"/{API_VERSION}/info"
@@ -141,8 +143,14 @@ class ErrorResponse(WireModel):
 
 
 class HealthResponse(WireModel):
+    """The ingress is up (`status`), and whether the whole application is (`ready`, and why not)."""
+
     status: Literal["ok"] = "ok"
     api_version: Literal["v1"] = API_VERSION
+    ready: bool = Field(True, description="Every stage has a running replica, so requests can be answered.")
+    reason: str | None = Field(
+        None, description="Why not ready: the stages still starting, or the error that stops one from starting."
+    )
 
 
 class InfoResponse(WireModel):

@@ -37,6 +37,7 @@ from client.protocol import (
     API_VERSION,
     HEALTH_PATH,
     INFO_PATH,
+    READY_PATH,
     SEGMENT_PATH,
     ErrorResponse,
     HealthResponse,
@@ -304,8 +305,19 @@ class Sam3Ingress:
 
     @app.get(HEALTH_PATH, response_model=HealthResponse)
     async def health(self) -> HealthResponse:
-        """Cheap by design: answers without touching the model."""
-        return HealthResponse()
+        """Liveness: 200 while the ingress runs, with the application's readiness in the body. Cheap by
+        design: it reads the stage watch, never the model."""
+        reason = await self.stages.readiness()
+        return HealthResponse(ready=reason is None, reason=reason)
+
+    @app.get(READY_PATH, response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
+    async def ready(self) -> Response:
+        """Readiness, for load balancers and probes: 200 once every stage has a running replica, else 503
+        with the reason (a stage still starting, or the error that keeps it from starting)."""
+        reason = await self.stages.readiness()
+        if reason is not None:
+            return error_response(ServiceUnavailableError(f"not ready: {reason}"), self.retry_after_s)
+        return JSONResponse(HealthResponse().model_dump())
 
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info(self) -> InfoResponse:

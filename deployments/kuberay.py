@@ -14,6 +14,11 @@ Every pod runs our image (deploy/Dockerfile: the official Ray image of the versi
 package), gets `SAM3_API_KEY` from a Secret, and mounts the checkpoint volume (a PersistentVolumeClaim,
 with the Hugging Face cache on it and `HF_TOKEN` from the Secret for a hub name): any pod may run the
 ingress, and the preprocessor reads the checkpoint's tokenizer.
+
+Worker pods are ready only once the application is (`/v1/ready`: every stage has a running replica), so
+KubeRay's serve Service sends them no traffic before then. The head pod keeps KubeRay's own probes: KubeRay
+submits the Serve configuration only once the head pod is ready, so a head probe on the application would
+never pass. While the application starts, the head's proxy answers 503 with the reason and Retry-After.
 """
 
 from __future__ import annotations
@@ -28,12 +33,22 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from client.protocol import READY_PATH
 from deployments.profiles import MODEL_POOL, set_default_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONSTRAINTS = REPO / ".ci" / "constraints.txt"
 MODELS_PATH = "/models"
 SERVE_PORT = 8000
+# KubeRay's default worker probe checks the raylet and the proxy; ours checks the raylet and the application.
+RAYLET_HEALTH = "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+WORKER_READINESS_PROBE = {
+    "exec": {"command": ["bash", "-c", f"{RAYLET_HEALTH} && wget -T 2 -q -O /dev/null http://localhost:{SERVE_PORT}{READY_PATH}"]},
+    "initialDelaySeconds": 10,
+    "periodSeconds": 5,
+    "timeoutSeconds": 5,
+    "failureThreshold": 1,
+}
 # The Python of the official Ray image we build on: the one the pinned versions are tested with in CI.
 IMAGE_PYTHON = "3.11"
 HEADER = """\
@@ -130,6 +145,11 @@ def _container(name: str, options: KubeRayOptions, resources: dict[str, str]) ->
     }
 
 
+def _worker_container(options: KubeRayOptions, resources: dict[str, str]) -> dict:
+    """A worker's container, ready for traffic only once the application is."""
+    return {**_container("ray-worker", options, resources), "readinessProbe": WORKER_READINESS_PROBE}
+
+
 def _pod(container: dict, options: KubeRayOptions, gpu: bool = False) -> dict:
     spec: dict = {
         "containers": [container],
@@ -181,7 +201,7 @@ def rayservice(config: dict, options: KubeRayOptions, ray_version: str) -> dict:
                         "minReplicas": gpu_min,
                         "maxReplicas": gpu_max,
                         "rayStartParams": {},
-                        "template": _pod(_container("ray-worker", options, gpu_resources), options, gpu=True),
+                        "template": _pod(_worker_container(options, gpu_resources), options, gpu=True),
                     },
                     {
                         "groupName": "cpu",
@@ -189,7 +209,7 @@ def rayservice(config: dict, options: KubeRayOptions, ray_version: str) -> dict:
                         "minReplicas": 0,
                         "maxReplicas": cpu_group_max(config, options.cpu_pod_cpus),
                         "rayStartParams": {},
-                        "template": _pod(_container("ray-worker", options, cpu_resources), options),
+                        "template": _pod(_worker_container(options, cpu_resources), options),
                     },
                 ],
             },

@@ -17,7 +17,7 @@ import httpx
 import yaml
 from ray import serve
 
-from client.protocol import HEALTH_PATH
+from client.protocol import READY_PATH
 from deployments.profiles import cpu_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,14 @@ def cpu_config(checkpoint: str, port: int) -> dict:
 
 
 def serve_run(config: dict, path: Path, ray_address: str, timeout_s: float = 180) -> str:
-    """Write `config` to `path`, `serve run` it non-blocking on `ray_address`, wait until healthy; return its URL."""
+    """Write `config` to `path`, `serve run` it non-blocking on `ray_address`, wait until ready; return its URL."""
+    base_url = serve_start(config, path, ray_address, timeout_s)
+    wait_until_running(base_url, timeout_s)
+    return base_url
+
+
+def serve_start(config: dict, path: Path, ray_address: str, timeout_s: float = 180) -> str:
+    """Write `config` to `path` and `serve run` it non-blocking on `ray_address`; return its URL at once."""
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [Path(sys.executable).with_name("serve"), "run", str(path), "--non-blocking", "--address", ray_address]
     result = subprocess.run(
@@ -53,13 +60,11 @@ def serve_run(config: dict, path: Path, ray_address: str, timeout_s: float = 180
     )
     if result.returncode != 0:
         raise RuntimeError(f"`serve run {path}` exited with {result.returncode}:\n{result.stderr[-4000:]}")
-    base_url = f"http://127.0.0.1:{config['http_options']['port']}"
-    wait_until_running(base_url, timeout_s)
-    return base_url
+    return f"http://127.0.0.1:{config['http_options']['port']}"
 
 
 def wait_until_running(base_url: str, timeout_s: float) -> None:
-    """Until the app is RUNNING and its health check answers 200; fails at once if it cannot deploy."""
+    """Until the app is RUNNING and its readiness answers 200; fails at once if it cannot deploy."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)
@@ -67,7 +72,7 @@ def wait_until_running(base_url: str, timeout_s: float) -> None:
             raise RuntimeError(f"application {APP_NAME} failed to deploy: {status.message} {status.deployments}")
         if status is not None and status.status == "RUNNING":
             try:
-                if httpx.get(base_url + HEALTH_PATH, timeout=5).status_code == 200:
+                if httpx.get(base_url + READY_PATH, timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

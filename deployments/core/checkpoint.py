@@ -21,6 +21,7 @@ from transformers import (
     Sam3Model,
     Sam3TrackerModel,
 )
+from transformers.utils import CONFIG_NAME
 
 from client.errors import Sam3Error
 from deployments.core.checkpoint_marker import is_tiny_checkpoint
@@ -28,6 +29,8 @@ from deployments.core.checkpoint_marker import is_tiny_checkpoint
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# facebook/sam3 is `sam3_video` (detector, tracker and video parts); an image-only save is `sam3`.
+SAM3_MODEL_TYPES = ("sam3", "sam3_video")
 
 
 class CheckpointUnavailableError(Sam3Error):
@@ -116,9 +119,13 @@ def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> S
 
 
 def _from_pretrained(cls, checkpoint: str, **kwargs):
-    """`cls.from_pretrained`, with an error that names the directory option when the hub is unreachable."""
+    """`cls.from_pretrained`, with an error that says what to do when the directory or hub name fails."""
     if Path(checkpoint).is_dir():
-        return cls.from_pretrained(checkpoint, **kwargs)
+        _check_sam3_directory(checkpoint)
+        try:
+            return cls.from_pretrained(checkpoint, **kwargs)
+        except OSError as error:
+            raise CheckpointUnavailableError(f"checkpoint directory {checkpoint!r} is incomplete: {error}") from error
     if Path(checkpoint).exists() or checkpoint.startswith((".", "/", "~")):
         raise CheckpointUnavailableError(f"checkpoint directory {checkpoint!r} does not exist")
     # A hub name: from_pretrained uses the local Hugging Face cache first, then the hub.
@@ -131,3 +138,17 @@ def _from_pretrained(cls, checkpoint: str, **kwargs):
             "If this machine cannot reach the hub, download the checkpoint elsewhere (it is gated: accept "
             "its license first) and set `checkpoint` to the local directory instead of the hub name."
         ) from error
+
+
+def _check_sam3_directory(checkpoint: str) -> None:
+    """Refuse a directory that is not a SAM 3 checkpoint before a model class half-loads it with warnings."""
+    advice = "point `checkpoint` at a directory holding facebook/sam3's files (config.json, model.safetensors, tokenizer)"
+    if not (Path(checkpoint) / CONFIG_NAME).is_file():
+        raise CheckpointUnavailableError(f"{checkpoint!r} is not a SAM 3 checkpoint: it has no {CONFIG_NAME}; {advice}")
+    config, _ = PretrainedConfig.get_config_dict(checkpoint)
+    model_type = config.get("model_type")
+    if model_type not in SAM3_MODEL_TYPES:
+        raise CheckpointUnavailableError(
+            f"{checkpoint!r} is not a SAM 3 checkpoint: its config.json says model_type {model_type!r}, not one of "
+            f"{', '.join(SAM3_MODEL_TYPES)}; {advice}"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, wait_until_running
+from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, serve_start, wait_until_running
 
 __all__ = [
     "APP_NAME",
@@ -16,6 +16,7 @@ __all__ = [
     "replica_count",
     "replica_stats",
     "serve_run",
+    "serve_start",
     "wait_until_running",
 ]
 

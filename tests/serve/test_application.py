@@ -211,13 +211,16 @@ def test_handle_client_works_inside_a_ray_task(http_client):
     assert in_a_task.any()
 
 
-def test_versioned_api_with_openapi_health_and_info(app_url, tiny112_dir):
+def test_versioned_api_with_openapi_health_readiness_and_info(app_url, tiny112_dir):
     import httpx
 
     spec = httpx.get(f"{app_url}/openapi.json", timeout=10).json()
-    assert {"/v1/segment", "/v1/health", "/v1/info"} <= set(spec["paths"])
+    assert {"/v1/segment", "/v1/health", "/v1/ready", "/v1/info"} <= set(spec["paths"])
     assert "requestBody" in spec["paths"]["/v1/segment"]["post"]
-    assert httpx.get(f"{app_url}/v1/health", timeout=10).json() == {"status": "ok", "api_version": "v1"}
+    up = {"status": "ok", "api_version": "v1", "ready": True, "reason": None}
+    assert httpx.get(f"{app_url}/v1/health", timeout=10).json() == up
+    ready = httpx.get(f"{app_url}/v1/ready", timeout=10)
+    assert (ready.status_code, ready.json()) == (200, up)
     info = httpx.get(f"{app_url}/v1/info", timeout=10).json()
     assert (info["checkpoint"], info["random_weights"], info["api_key_required"]) == (tiny112_dir.name, True, False)
     wrong_version = httpx.post(f"{app_url}/v2/segment", json={}, timeout=10)

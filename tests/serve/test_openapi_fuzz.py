@@ -89,7 +89,7 @@ def test_the_running_ingress_serves_the_fuzzed_description(app_url, live_schema)
     assert served.status_code == 200
     assert served.json() == DESCRIPTION
     operations = sorted((op.method.upper(), op.path) for op in (r.ok() for r in live_schema.get_all_operations()))
-    assert operations == [("GET", "/v1/health"), ("GET", "/v1/info"), ("POST", SEGMENT_PATH)]
+    assert operations == [("GET", "/v1/health"), ("GET", "/v1/info"), ("GET", "/v1/ready"), ("POST", SEGMENT_PATH)]
 
 
 @schema.parametrize()

@@ -10,10 +10,13 @@ from ray.exceptions import ObjectLostError, OwnerDiedError
 from client.errors import ServiceUnavailableError
 from client.handle_client import as_sam3_error as client_error
 from deployments.availability import (
+    StageReading,
     StageUnavailableError,
     StageWatch,
     down_since,
+    not_ready_reason,
     stages_without_replicas,
+    start_error,
     unavailable_stages,
 )
 from deployments.errors import as_sam3_error as server_error
@@ -60,11 +63,11 @@ class Status:
         self.states = UP
 
     def __call__(self):
-        return self.states
+        return StageReading(self.states)
 
     def set(self, stages: StageWatch, states) -> None:
         self.states = states
-        stages.update(states)
+        stages.update(StageReading(states))
 
 
 def watch(clock: Clock, status: Status, after_s: float = 30.0) -> StageWatch:
@@ -149,7 +152,7 @@ def test_the_watch_polls_the_status_and_survives_a_controller_out_of_reach():
             reading = next(self.readings, MODEL_DOWN)
             if isinstance(reading, Exception):
                 raise reading
-            return reading
+            return StageReading(reading)
 
     stages = watch(Clock(), Unreachable(), after_s=0)
 
@@ -169,3 +172,78 @@ def test_a_lost_stage_crosses_the_handle_as_a_plain_service_unavailable_error():
 def test_an_intermediate_result_lost_with_its_node_is_a_503(lost):
     error = server_error(lost)
     assert type(error) is ServiceUnavailableError and error.http_status == 503
+
+
+# The end of the message Serve 2.60 gave a deployment whose constructor raised (after `Traceback ...`).
+FAILED_START = """The deployment failed to start 1 times in a row. Error:
+ray::ServeReplica:sam3:Sam3ModelPool.initialize_and_get_metadata() (pid=1, ip=127.0.0.1)
+  File "/work/main/deployments/core/checkpoint.py", line 123, in _from_pretrained
+    raise CheckpointUnavailableError(f"checkpoint directory {checkpoint!r} does not exist")
+deployments.core.checkpoint.CheckpointUnavailableError: could not load 'facebook/sam3' (We couldn't connect.
+Check your internet connection.) Set `checkpoint` to the local directory instead of the hub name."""
+CAUSE = (
+    "CheckpointUnavailableError: could not load 'facebook/sam3' (We couldn't connect.\n"
+    "Check your internet connection.) Set `checkpoint` to the local directory instead of the hub name."
+)
+STARTING = {INGRESS: {"RUNNING": 1}, "Sam3ModelPool": {"STARTING": 1}, "Sam3Preprocessor": {"STARTING": 1}}
+
+
+def test_the_start_error_is_the_traceback_s_exception_whole_without_its_module():
+    assert start_error(FAILED_START) == CAUSE
+    assert start_error("Deployment 'Sam3ModelPool' has 1 replicas that have taken more than 30s to initialize.") is None
+    assert start_error("") is None
+
+
+def test_not_ready_names_the_stages_and_groups_those_failing_alike():
+    assert not_ready_reason(frozenset(), {}) is None
+    assert not_ready_reason(frozenset({"B", "A"}), {}) == "no running replica of A, B yet"
+    reason = not_ready_reason(frozenset({"Sam3ModelPool", "Sam3Preprocessor", "Sam3Postprocessor"}),
+                              {"Sam3ModelPool": CAUSE, "Sam3Preprocessor": CAUSE})  # fmt: skip
+    assert reason == f"Sam3ModelPool, Sam3Preprocessor cannot start: {CAUSE}; no running replica of Sam3Postprocessor yet"
+
+
+def test_readiness_waits_for_the_first_reading_then_follows_the_stages():
+    status = Status()
+    status.states = STARTING
+    stages = watch(Clock(), status)
+
+    async def readings():
+        first = await stages.readiness()
+        status.set(stages, UP)
+        return first, await stages.readiness(), stages.ready
+
+    first, then, ready = run(readings())
+    assert first == "no running replica of Sam3ModelPool, Sam3Preprocessor yet"
+    assert (then, ready) == (None, True)
+
+
+def test_a_stage_that_failed_to_start_is_unavailable_at_once_with_its_cause():
+    clock, status = Clock(), Status()
+    stages = watch(clock, status)
+    failed = StageReading(STARTING, start_errors={"Sam3ModelPool": CAUSE, "Sam3Preprocessor": CAUSE})
+    stages.update(failed)
+    assert stages.unavailable == ("Sam3ModelPool", "Sam3Preprocessor") and not stages.ready
+    assert CAUSE in stages.not_ready_reason
+
+    async def answer():
+        return "answer"
+
+    never_sent = answer()
+    with pytest.raises(StageUnavailableError) as raised:
+        run(stages.guard(never_sent))
+    never_sent.close()
+    assert raised.value.message == f"Sam3ModelPool, Sam3Preprocessor cannot start: {CAUSE}: retry later"
+
+
+def test_a_start_error_left_in_the_status_of_a_running_stage_is_ignored():
+    stages = watch(Clock(), Status())
+    stages.update(StageReading(UP, start_errors={"Sam3ModelPool": CAUSE}))
+    assert stages.unavailable == () and stages.ready
+
+
+def test_readiness_never_hangs_on_a_controller_out_of_reach():
+    def unreachable():
+        raise RuntimeError("controller unreachable")
+
+    stages = StageWatch("sam3", INGRESS, 30.0, read_states=unreachable, poll_s=0.01)
+    assert run(stages.readiness(first_reading_s=0.1)) == "the application's status has not been read yet"

@@ -38,6 +38,23 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         load_geometry(str(tmp_path / "no-such-checkpoint"))
 
 
+def test_a_directory_without_a_config_is_not_a_sam3_checkpoint(tmp_path):
+    with pytest.raises(CheckpointUnavailableError, match="not a SAM 3 checkpoint: it has no config.json"):
+        load_geometry(str(tmp_path))
+
+
+def test_a_directory_of_another_model_is_not_a_sam3_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(CheckpointUnavailableError, match="model_type 'bert'"):
+        load_sam3(str(tmp_path))
+
+
+def test_a_sam3_directory_without_its_weights_is_incomplete(tmp_path, tiny112_dir):
+    (tmp_path / "config.json").write_text((tiny112_dir / "config.json").read_text())
+    with pytest.raises(CheckpointUnavailableError, match="is incomplete"):
+        load_sam3(str(tmp_path))
+
+
 def test_unreachable_hub_names_the_directory_option():
     """No hub is reachable from CI: the error must say so and point at the directory setting."""
     with pytest.raises(CheckpointUnavailableError, match="local directory"):

@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from client.protocol import READY_PATH
 from deployments.kuberay import (
     CONSTRAINTS,
     MODELS_PATH,
@@ -123,6 +124,16 @@ def test_only_the_gpu_group_has_gpus_and_it_holds_the_model_pool_at_its_fewest_a
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in templates["gpu"]["spec"][
         "tolerations"
     ]
+
+
+def test_worker_pods_are_ready_once_the_application_is_and_the_head_keeps_kuberay_s_probes(service):
+    """KubeRay submits the Serve configuration once the head pod is ready: a head probe on the app would deadlock."""
+    templates = pod_templates(service)
+    assert "readinessProbe" not in templates["head"]["spec"]["containers"][0]
+    for group in ("gpu", "cpu"):
+        (command,) = [templates[group]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]]
+        assert command[:2] == ["bash", "-c"] and "api/local_raylet_healthz" in command[2]
+        assert command[2].endswith(f"http://localhost:8000{READY_PATH}"), command
 
 
 def test_the_cpu_group_holds_the_cpu_stages_at_their_most_replicas():
