@@ -21,6 +21,7 @@ from client.errors import (
 )
 from client.protocol import (
     HEALTH_PATH,
+    READY_PATH,
     REQUEST_ID_HEADER,
     SEGMENT_PATH,
     ErrorResponse,
@@ -76,9 +77,17 @@ class Sam3HttpClient(SegmentClient):
         self._api_key = api_key
 
     def health(self) -> bool:
-        """True when the service answers its health check; never raises nor retries, so it suits polling."""
+        """True when the service answers its health check (the ingress is up); never raises nor retries."""
+        return self._answers(HEALTH_PATH)
+
+    def ready(self) -> bool:
+        """True when the service can answer requests (every stage has a running replica): wait on this one
+        after a deploy. Never raises nor retries, so it suits polling."""
+        return self._answers(READY_PATH)
+
+    def _answers(self, path: str) -> bool:
         try:
-            self._send("GET", HEALTH_PATH, timeout=self.timeout)
+            self._send("GET", path, timeout=self.timeout)
         except Sam3Error:
             return False
         return True

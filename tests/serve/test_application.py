@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from client import Sam3HandleClient, SegmentRequest, SegmentResponse
+from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResponse
 from client.errors import InvalidPromptError, PromptTooLongError
 from deployments.app import build_app
 from deployments.config import AppArgs
@@ -221,6 +221,8 @@ def test_versioned_api_with_openapi_health_readiness_and_info(app_url, tiny112_d
     assert httpx.get(f"{app_url}/v1/health", timeout=10).json() == up
     ready = httpx.get(f"{app_url}/v1/ready", timeout=10)
     assert (ready.status_code, ready.json()) == (200, up)
+    with Sam3HttpClient(app_url) as client:
+        assert client.health() and client.ready()
     info = httpx.get(f"{app_url}/v1/info", timeout=10).json()
     assert (info["checkpoint"], info["random_weights"], info["api_key_required"]) == (tiny112_dir.name, True, False)
     wrong_version = httpx.post(f"{app_url}/v2/segment", json={}, timeout=10)

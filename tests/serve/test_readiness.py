@@ -19,6 +19,7 @@ import httpx
 import pytest
 from ray import serve
 
+from client import Sam3HttpClient
 from client.images import encode_image
 from client.protocol import HEALTH_PATH, READY_PATH, SEGMENT_PATH, SegmentRequest
 from tests.conftest import random_image
@@ -73,6 +74,8 @@ def test_a_checkpoint_that_cannot_load_gives_its_cause_in_readiness_and_in_the_5
         health = httpx.get(base_url + HEALTH_PATH, timeout=10)
         assert health.status_code == 200, "liveness holds: the ingress itself is up"
         assert health.json()["ready"] is False and cause in health.json()["reason"]
+        with Sam3HttpClient(base_url, retries=0) as client:
+            assert client.health() and not client.ready()
 
         request = SegmentRequest(image=encode_image(random_image(40, 48, seed=1), timeout=None), text="cat")
         answer = httpx.post(

@@ -73,7 +73,7 @@ class FakeService:
         self.requests.append(request)
         if str(request.url) == IMAGE_URL:
             return httpx.Response(200, content=self.image)
-        if request.url.path.endswith("/v1/health"):
+        if request.url.path.endswith(("/v1/health", "/v1/ready")):
             return httpx.Response(200, content=HealthResponse().model_dump_json())
         return self.segment(request)
 
@@ -464,9 +464,11 @@ def test_no_retry_runs_past_the_timeout(service, clock, image_file):
     assert budgets(service) == [(1.0, 1.0), (0.5, 0.5)]
 
 
-def test_health(client, service):
+def test_health_and_readiness(client, service):
     assert client.health() is True
     assert str(service.requests[-1].url) == f"{BASE_URL}/v1/health"
+    assert client.ready() is True
+    assert str(service.requests[-1].url) == f"{BASE_URL}/v1/ready"
 
 
 def starting(_: httpx.Request) -> httpx.Response:
@@ -478,9 +480,9 @@ def refuse(_: httpx.Request) -> httpx.Response:
 
 
 @pytest.mark.parametrize("answer", [starting, refuse])
-def test_health_is_false_when_the_service_does_not_answer_ok(answer):
+def test_health_and_readiness_are_false_when_the_service_does_not_answer_ok(answer):
     with Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(answer)) as client:
-        assert client.health() is False
+        assert client.health() is False and client.ready() is False
 
 
 def test_the_context_manager_closes_the_connection_pool(service):
