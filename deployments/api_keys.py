@@ -117,7 +117,8 @@ class KeyFile:
     def _warn(self, problem: str) -> None:
         """Once per spell of failure, not at every re-read."""
         if not self._failing:
-            logger.warning("API key file %s %s; the last %d keys stay in use", self.path, problem, len(self._digests))
+            count = len(self._digests)
+            logger.warning("API key file %s %s; the keys last read (%d) stay in use", self.path, problem, count)
         self._failing = True
 
 

@@ -30,9 +30,10 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def log(caplog):
-    """The ingress's logger, whatever Ray did to its propagation."""
+def log(caplog, monkeypatch):
+    """The ingress's logger, captured once whether or not Ray has stopped it propagating to the root logger."""
     logger = logging.getLogger("ray.serve")
+    monkeypatch.setattr(logger, "propagate", False)
     logger.addHandler(caplog.handler)
     caplog.set_level(logging.INFO, logger="ray.serve")
     yield caplog
@@ -167,9 +168,9 @@ def test_later_a_file_that_cannot_be_read_or_holds_no_key_keeps_the_last_keys(tm
         assert keys.accepts(OLD)
     warnings = [record.getMessage() for record in log.records if record.levelno == logging.WARNING]
     assert warnings == [
-        f"API key file {key_file} cannot be read (No such file or directory); the last 1 keys stay in use",
-        f"API key file {key_file} holds no key; the last 1 keys stay in use",
-        f"API key file {key_file} holds no key; the last 1 keys stay in use",
+        f"API key file {key_file} cannot be read (No such file or directory); the keys last read (1) stay in use",
+        f"API key file {key_file} holds no key; the keys last read (1) stay in use",
+        f"API key file {key_file} holds no key; the keys last read (1) stay in use",
     ], "one warning per spell of failure"
     key_file.write_text(NEW + "\n")
     clock.now += REFRESH_S
