@@ -63,9 +63,20 @@ class AppArgs(BaseModel):
     )
     api_key_env: str | None = Field(
         "SAM3_API_KEY",
-        description="Environment variable holding the API key. The key itself never goes in this file.",
+        description="Environment variable holding one API key, read once at start. The key itself never goes in "
+        "this file.",
     )
-    api_key_file: str | None = Field(None, description="A file holding the API key (a mounted secret).")
+    api_key_file: str | None = Field(
+        None,
+        description="A file of API keys, one a line (a mounted secret), re-read as it changes so that keys rotate "
+        "without a restart. It wins over api_key_env.",
+    )
+    api_key_refresh_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="How often the ingress re-reads api_key_file: a key removed from it is refused by every request "
+        "that arrives this long after the change.",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
     unavailable_after_s: float = Field(
         30.0,

@@ -9,11 +9,8 @@ postprocessor, and awaits the last.
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations at import.
 
 import asyncio
-import hmac
 import logging
-import os
 import time
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -45,6 +42,7 @@ from client.protocol import (
     SegmentRequest,
     SegmentResponse,
 )
+from deployments.api_keys import is_authorized, load_api_keys
 from deployments.availability import StageUnavailableError, StageWatch
 from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
@@ -115,23 +113,6 @@ def server_timing(response: SegmentResponse) -> str:
     return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in response.timings_ms.items())
 
 
-def load_api_key(args: AppArgs) -> str | None:
-    """The key from a mounted file or the environment, never from serve_config.yaml; None turns auth off."""
-    if args.api_key_file:
-        return Path(args.api_key_file).read_text().strip() or None
-    if args.api_key_env:
-        return os.environ.get(args.api_key_env) or None
-    return None
-
-
-def is_authorized(authorization: str | None, api_key: str | None) -> bool:
-    """Bearer token check in constant time, so response timing leaks nothing about the key."""
-    if api_key is None:
-        return True
-    scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
-
-
 async def read_body(http_request: Request, max_bytes: int) -> bytes:
     """The body, refused as soon as it is known to exceed `max_bytes` (declared or streamed)."""
     declared = http_request.headers.get("content-length")
@@ -181,11 +162,11 @@ class Sam3Ingress:
         self.model_pool = model_pool
         self.postprocessor = postprocessor
         self.args = args
-        self.api_key = load_api_key(args)
+        self.api_keys = load_api_keys(args)
         self.max_body_bytes = args.max_body_bytes
         self.retry_after_s = args.retry_after_s
         self.metrics = IngressMetrics()
-        self.service_info = service_info(args, api_key_required=self.api_key is not None)
+        self.service_info = service_info(args, api_key_required=self.api_keys is not None)
         context = serve.get_replica_context()
         self.stages = StageWatch(context.app_name, context.deployment, args.unavailable_after_s)
 
@@ -294,7 +275,7 @@ class Sam3Ingress:
         )
 
     async def read_request(self, http_request: Request) -> SegmentRequest:
-        if not is_authorized(http_request.headers.get("authorization"), self.api_key):
+        if not is_authorized(http_request.headers.get("authorization"), self.api_keys):
             raise AuthenticationError("missing or wrong API key: send `Authorization: Bearer <key>`")
         check_content_type(http_request)
         body = await read_body(http_request, self.max_body_bytes)

@@ -11,9 +11,10 @@ deploy` takes. The Ray cluster around it is sized from what the deployments ask 
 Ray's autoscaler (`enableInTreeAutoscaling`) adds and removes worker pods as Serve's autoscaling asks.
 
 Every pod runs our image (deploy/Dockerfile: the official Ray image of the version we pin, with our
-package), gets `SAM3_API_KEY` from a Secret, and mounts the checkpoint volume (a PersistentVolumeClaim,
-with the Hugging Face cache on it and `HF_TOKEN` from the Secret for a hub name): any pod may run the
-ingress, and the preprocessor reads the checkpoint's tokenizer.
+package), mounts the Secret's API keys as the file that `api_key_file` names (a mounted Secret is updated
+in place when it changes, so keys rotate without a restart; an environment variable never changes), and
+mounts the checkpoint volume (a PersistentVolumeClaim, with the Hugging Face cache on it and `HF_TOKEN` from
+the Secret for a hub name): any pod may run the ingress, and the preprocessor reads the checkpoint's tokenizer.
 
 Worker pods are ready only once the application is (`/v1/ready`: every stage has a running replica), so
 KubeRay's serve Service sends them no traffic before then. The head pod keeps KubeRay's own probes: KubeRay
@@ -39,6 +40,8 @@ from deployments.profiles import MODEL_POOL, set_default_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 CONSTRAINTS = REPO / ".ci" / "constraints.txt"
 MODELS_PATH = "/models"
+API_KEYS_PATH = "/etc/sam3/api-keys"  # the Secret's directory: its key `api-keys` is the file below
+API_KEY_FILE = f"{API_KEYS_PATH}/api-keys"
 SERVE_PORT = 8000
 # KubeRay's default worker probe checks the raylet and the proxy; ours checks the raylet and the application.
 RAYLET_HEALTH = "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
@@ -69,7 +72,9 @@ class KubeRayOptions(BaseModel):
     )
     checkpoint: str | None = Field(None, description="The default model's checkpoint instead of the configured one, e.g. a directory on the volume.")
     models_claim: str = Field("sam3-models", description="The PersistentVolumeClaim mounted at /models.")
-    secret: str = Field("sam3-secrets", description="The Secret holding `api-key` and, optionally, `hf-token`.")
+    secret: str = Field(
+        "sam3-secrets", description="The Secret holding `api-keys` (one a line) and, optionally, `hf-token`."
+    )
     gpus_per_pod: int = Field(1, ge=1)
     gpu_pod_cpus: int = Field(8, ge=1)
     gpu_pod_memory: str = "48Gi"
@@ -129,7 +134,6 @@ def cpu_group_max(config: dict, cpus_per_pod: int) -> int:
 def _container(name: str, options: KubeRayOptions, resources: dict[str, str]) -> dict:
     hf_token = {"name": options.secret, "key": "hf-token", "optional": True}
     env = [
-        {"name": "SAM3_API_KEY", "valueFrom": {"secretKeyRef": {"name": options.secret, "key": "api-key"}}},
         {"name": "HF_HOME", "value": f"{MODELS_PATH}/huggingface"},
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": hf_token}},
     ]
@@ -139,7 +143,12 @@ def _container(name: str, options: KubeRayOptions, resources: dict[str, str]) ->
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "env": env,
         "ports": [{"name": "serve", "containerPort": SERVE_PORT}],
-        "volumeMounts": [{"name": "models", "mountPath": MODELS_PATH}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "models", "mountPath": MODELS_PATH},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            # A whole directory: Kubernetes never updates a Secret mounted with subPath.
+            {"name": "api-keys", "mountPath": API_KEYS_PATH, "readOnly": True},
+        ],
         # Ray drains the node (its replicas are moved first) before Kubernetes stops the pod.
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
@@ -147,7 +156,7 @@ def _container(name: str, options: KubeRayOptions, resources: dict[str, str]) ->
 
 def _worker_container(options: KubeRayOptions, resources: dict[str, str]) -> dict:
     """A worker's container, ready for traffic only once the application is."""
-    return {**_container("ray-worker", options, resources), "readinessProbe": WORKER_READINESS_PROBE}
+    return {**_container("ray-worker", options, resources), "readinessProbe": copy.deepcopy(WORKER_READINESS_PROBE)}
 
 
 def _pod(container: dict, options: KubeRayOptions, gpu: bool = False) -> dict:
@@ -157,6 +166,10 @@ def _pod(container: dict, options: KubeRayOptions, gpu: bool = False) -> dict:
             {"name": "models", "persistentVolumeClaim": {"claimName": options.models_claim}},
             # Ray's object store lives in /dev/shm, which a container otherwise gets only 64 MB of.
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {
+                "name": "api-keys",
+                "secret": {"secretName": options.secret, "items": [{"key": "api-keys", "path": "api-keys"}]},
+            },
         ],
     }
     if gpu:
@@ -167,9 +180,11 @@ def _pod(container: dict, options: KubeRayOptions, gpu: bool = False) -> dict:
 def rayservice(config: dict, options: KubeRayOptions, ray_version: str) -> dict:
     """The RayService for `config` (serve_config.yaml's content): serveConfigV2 plus the cluster that runs it."""
     config = copy.deepcopy(config)
-    if options.checkpoint is not None:
-        for application in config["applications"]:
+    for application in config["applications"]:
+        if options.checkpoint is not None:
             set_default_checkpoint(application["args"], options.checkpoint)
+        # The keys come from the mounted Secret, which rotates; the environment would not.
+        application["args"].update(api_key_env=None, api_key_file=API_KEY_FILE)
     gpu_min, gpu_max = gpu_group_bounds(config, options.gpus_per_pod)
     head = _container("ray-head", options, {"cpu": str(options.head_cpus), "memory": options.head_memory})
     head["ports"] = [

@@ -1,4 +1,4 @@
-"""The deployments' own logic without Ray: API-key checks, per-item errors and out-of-memory handling."""
+"""The deployments' own logic without Ray: model ids, per-item errors and out-of-memory handling."""
 
 from __future__ import annotations
 
@@ -14,31 +14,9 @@ from pydantic import ValidationError
 from client.errors import ModelNotFoundError, RequestTimeoutError, ServiceUnavailableError
 from deployments.config import AppArgs
 from deployments.core.runner import PreparedItem
-from deployments.ingress import is_authorized, load_api_key
 from deployments.metrics import stage_latencies
 from deployments.model_pool import ModelResult, Sam3ModelPool
 from deployments.profiles import set_default_checkpoint
-
-
-def test_api_key_from_file_or_environment(tmp_path, monkeypatch):
-    key_file = tmp_path / "key"
-    key_file.write_text("from-file\n")
-    monkeypatch.setenv("SAM3_API_KEY", "from-env")
-    assert load_api_key(AppArgs(api_key_file=str(key_file))) == "from-file"
-    assert load_api_key(AppArgs()) == "from-env"
-    monkeypatch.delenv("SAM3_API_KEY")
-    assert load_api_key(AppArgs()) is None
-    assert load_api_key(AppArgs(api_key_env=None)) is None
-
-
-@pytest.mark.parametrize(
-    "header, expected",
-    [("Bearer s3cret", True), ("bearer s3cret", True), ("Bearer s3cre", False), ("Bearer", False),
-     ("Basic s3cret", False), ("s3cret", False), (None, False), ("Bearer s3cret2", False)],
-)
-def test_bearer_check(header, expected):
-    assert is_authorized(header, "s3cret") is expected
-    assert is_authorized(header, None) is True, "no key configured: no check"
 
 
 def test_model_ids_resolve_to_served_models_or_a_typed_404():

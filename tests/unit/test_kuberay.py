@@ -22,6 +22,8 @@ import yaml
 
 from client.protocol import READY_PATH
 from deployments.kuberay import (
+    API_KEY_FILE,
+    API_KEYS_PATH,
     CONSTRAINTS,
     MODELS_PATH,
     KubeRayOptions,
@@ -69,9 +71,16 @@ def test_the_committed_manifest_is_what_the_command_makes_from_serve_config(tmp_
     assert output.read_text() == MANIFEST.read_text(), f"the committed manifest is stale: {regenerate}"
 
 
-def test_serve_config_v2_is_serve_config(service, config):
+def with_mounted_api_keys(config: dict) -> dict:
+    """`config` reading the API keys from the mounted Secret's file, which rotates, not the environment."""
+    (application,) = config["applications"]
+    args = {**application["args"], "api_key_env": None, "api_key_file": API_KEY_FILE}
+    return {**config, "applications": [{**application, "args": args}]}
+
+
+def test_serve_config_v2_is_serve_config_with_the_api_keys_from_the_mounted_secret(service, config):
     assert isinstance(service["spec"]["serveConfigV2"], str), "KubeRay takes serveConfigV2 as a YAML string"
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == with_mounted_api_keys(config)
 
 
 def test_a_checkpoint_on_the_volume_replaces_the_hub_name_and_nothing_else(config):
@@ -81,7 +90,7 @@ def test_a_checkpoint_on_the_volume_replaces_the_hub_name_and_nothing_else(confi
     )
     assert served["applications"][0]["args"]["models"] == {"sam3": f"{MODELS_PATH}/sam3"}
     served["applications"][0]["args"]["models"] = config["applications"][0]["args"]["models"]
-    assert served == config
+    assert served == with_mounted_api_keys(config)
 
 
 def test_the_rayservice_has_the_fields_kuberay_needs(service):
@@ -145,14 +154,12 @@ def test_the_cpu_group_holds_the_cpu_stages_at_their_most_replicas():
     assert cpu_group_max(config, cpus_per_pod=4) == 3  # 8.5 CPUs; the GPU deployment has pods of its own
 
 
-def test_every_pod_runs_our_image_with_the_api_key_and_the_checkpoint_volume(service, config):
-    key_env = config["applications"][0]["args"]["api_key_env"]
+def test_every_pod_runs_our_image_with_the_api_keys_and_the_checkpoint_volume(service):
     expected_image = f"sam3-serve:{tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}"
     for container in containers(service):
         assert container["image"] == expected_image
         env = {item["name"]: item for item in container["env"]}
-        assert env[key_env]["valueFrom"]["secretKeyRef"]["key"] == "api-key"
-        assert "value" not in env[key_env], "the API key comes from a Secret, never from the manifest"
+        assert "SAM3_API_KEY" not in env, "an environment variable never changes: the keys could not rotate"
         assert env["HF_HOME"]["value"].startswith(MODELS_PATH + "/")
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
             "name": "sam3-secrets",
@@ -160,9 +167,18 @@ def test_every_pod_runs_our_image_with_the_api_key_and_the_checkpoint_volume(ser
             "optional": True,
         }
         assert {"name": "models", "mountPath": MODELS_PATH} in container["volumeMounts"]
+        mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+        assert mounts["api-keys"] == {"name": "api-keys", "mountPath": API_KEYS_PATH, "readOnly": True}
+        assert "subPath" not in mounts["api-keys"], "Kubernetes never updates a Secret mounted with subPath"
     for template in pod_templates(service).values():
         volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
         assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "sam3-models"
+        assert volumes["api-keys"]["secret"] == {
+            "secretName": "sam3-secrets",
+            "items": [{"key": "api-keys", "path": "api-keys"}],
+        }, "the keys from the Secret, never from the manifest"
+    served_args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert served_args["api_key_file"] == f"{API_KEYS_PATH}/api-keys", "the args name the Secret's key in the mount"
 
 
 def test_the_dockerfile_starts_from_the_official_ray_image_of_our_pins():
