@@ -83,7 +83,7 @@ def test_unknown_paths_keep_the_json_404(http):
 
 
 def test_the_pages_are_not_in_the_openapi_description():
-    assert sorted(app.openapi()["paths"]) == ["/v1/health", "/v1/info", "/v1/segment"]
+    assert sorted(app.openapi()["paths"]) == ["/v1/health", "/v1/info", "/v1/ready", "/v1/segment"]
 
 
 def test_every_reference_in_the_openapi_description_resolves(http):
