@@ -1,13 +1,27 @@
-"""Soak run: sustained mixed load over HTTP with a share of bad requests; not part of the test run.
+"""Soak run: the mixed traffic of production, all at once, for a long time; not part of the test run.
 
-    python -m benchmarks.soak [--minutes 10] [--concurrency 32] [--bad-share 0.1] [--checkpoint DIR]
+    python -m benchmarks.soak [--minutes 30] [--sessions 4] [--http 8] [--bad-share 0.1] [--job-images 48]
+                              [--model-replicas 2] [--checkpoint DIR]
 
-Starts the application from serve_config.yaml's CPU profile (with the tiny random-weight checkpoint
-unless --checkpoint is given: its masks are meaningless) on its own Ray instance, sends requests of all
-prompt types from `concurrency` threads for `minutes`, and reports requests answered, errors by code,
-p50/p99 latency, and each replica's resident memory idle, after a warm-up of load (the start), and at
-the end: it must stay flat from the start to the end.
-Load goes to 127.0.0.1 only, bounded in time.
+Starts the application from serve_config.yaml's CPU profile with `--model-replicas` model replicas (with the
+tiny random-weight checkpoint unless --checkpoint is given: its masks are meaningless) on its own Ray
+instance, and sends three kinds of traffic at once for `--minutes`:
+- **interactive**: `--sessions` users, each on a new image: a text prompt with the image, then follow-ups
+  of every prompt type that name the image by the `image_id` of the first answer (the image is sent again
+  when the service answers 404 `image_not_cached`, as the clients do);
+- **http**: `--http` callers of single requests of every prompt type on a pool of images of many sizes,
+  a `--bad-share` of them bad on purpose (no prompt, a prompt too long, an inverted box, a bad label, two
+  prompt types, an image that does not decode, an unknown field, an unknown image id);
+- **job**: the Ray job `pipelines.segment --via service` over `--job-images` images, run again and again.
+
+Good prompts are made for each image from its own size, so a good request is refused only by a fault.
+Reported per kind: requests, answers by status and code, lost requests (sent, with no answer and no typed
+error; a job's (image, prompt) missing from its output or there twice), unexpected answers (a good
+request not answered 200, a bad one not answered 4xx), p50/p99 latency, and the vision-feature cache's
+hit rate. Then each model, pre- and postprocessor replica's resident memory after `--warmup-s` of load
+(start) and at the end: flat means it grew by at most `FLAT_GROWTH_MB` or `FLAT_GROWTH_SHARE` of its start,
+whichever is more, beyond what its vision-feature cache holds more (allocator slack, not a leak). Exits 1
+if anything was lost or unexpected or a replica's memory was not flat. Load goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -17,47 +31,188 @@ import base64
 import io
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from ray import serve
 
+from benchmarks.machine import cpu_name, git_commit
+from client.protocol import SEGMENT_PATH
 from deployments.core.tiny_checkpoint import build_tiny_checkpoint
-from deployments.launch import APP_NAME, cpu_config, free_port, serve_run
+from deployments.launch import APP_NAME, REPO, cpu_config, free_port, serve_run
+from deployments.profiles import MODEL_POOL
+from tests.serve.app_runner import deployment, replica_stats
 
-GOOD_PROMPTS = [
-    {"text": "a red car"},
-    {"text": "cat"},
-    {"boxes": [[20, 30, 200, 180], [150, 40, 300, 220]], "labels": [1, 0]},
-    {"points": [[120, 90]], "labels": [1]},
-    {"points": [[120, 90], [250, 200]], "labels": [1, 0]},
-]
-BAD_PROMPTS = [
-    {},
-    {"text": "word " * 40},
-    {"boxes": [[50, 50, 10, 10]], "labels": [1]},
-    {"points": [[1, 2]], "labels": [7]},
-    {"text": "cat", "points": [[1, 2]], "labels": [1]},
-]
+FLAT_GROWTH_MB = 100.0
+FLAT_GROWTH_SHARE = 0.10
+TEXTS = ["a red car", "cat", "person", "a tree"]
+FOLLOW_UPS = 4
+REQUEST_TIMEOUT_S = 120
 
 
-def encoded_images(count: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(count):
-        height, width = rng.integers(120, 600, size=2)
+def answered(status: int) -> bool:
+    return status == 200
+
+
+def refused(status: int) -> bool:
+    return 400 <= status < 500
+
+
+def answered_or_evicted(status: int) -> bool:
+    """A follow-up by image id: answered from the cache, or 404 when its features were evicted."""
+    return status in (200, 404)
+
+
+@dataclass(frozen=True)
+class SoakImage:
+    """One JPEG of the soak, with its size, from which its good prompts are made."""
+
+    base64: str
+    width: int
+    height: int
+
+    @classmethod
+    def random(cls, rng: np.random.Generator) -> SoakImage:
+        height, width = (int(side) for side in rng.integers(64, 600, size=2))
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-        images.append(base64.b64encode(buffer.getvalue()).decode())
-    return images
+        return cls(base64.b64encode(buffer.getvalue()).decode(), width, height)
+
+
+def good_prompt(rng: random.Random, width: int, height: int) -> dict:
+    """A valid prompt of a random type, every point and box inside a `width` x `height` image."""
+    kind = rng.choice(["text", "texts", "boxes", "points"])
+    if kind == "text":
+        return {"text": rng.choice(TEXTS)}
+    if kind == "texts":
+        return {"text": rng.sample(TEXTS, 2)}
+    if kind == "boxes":
+        x0, y0 = rng.uniform(0, width / 2), rng.uniform(0, height / 2)
+        box = [x0, y0, rng.uniform(x0 + 1, width), rng.uniform(y0 + 1, height)]
+        return {"boxes": [[round(value, 1) for value in box]], "labels": [1]}
+    count = rng.randint(1, 3)
+    points = [[rng.randrange(width), rng.randrange(height)] for _ in range(count)]
+    return {"points": points, "labels": [1] + [rng.randint(0, 1) for _ in range(count - 1)]}
+
+
+def bad_request(rng: random.Random, image: SoakImage) -> dict:
+    """A request the service must refuse with a 4xx."""
+    fields = {"image": image.base64}
+    return rng.choice([
+        fields,
+        {**fields, "text": "word " * 60},
+        {**fields, "boxes": [[50, 50, 10, 10]], "labels": [1]},
+        {**fields, "points": [[1, 2]], "labels": [7]},
+        {**fields, "text": "cat", "points": [[1, 2]], "labels": [1]},
+        {"image": base64.b64encode(b"not an image").decode(), "text": "cat"},
+        {**fields, "text": "cat", "colour": "red"},
+        {"image_id": "0" * 32 + "-64x64", "text": "cat"},
+    ])  # fmt: skip
+
+
+@dataclass
+class KindTally:
+    """What one kind of traffic got: answers by status and code, latencies, and what went wrong."""
+
+    answers: Counter[str] = field(default_factory=Counter)
+    latencies_s: list[float] = field(default_factory=list)
+    lost: int = 0
+    unexpected: Counter[str] = field(default_factory=Counter)
+    cache_lookups: Counter[str] = field(default_factory=Counter)  # interactive follow-ups: hit or miss
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def post(self, client: httpx.Client, body: dict, expected: Callable[[int], bool]) -> httpx.Response | None:
+        """Send one request and record its answer; None when it was lost (no answer, no typed error)."""
+        started = time.perf_counter()
+        try:
+            response = client.post(SEGMENT_PATH, json=body, timeout=REQUEST_TIMEOUT_S)
+            outcome = "200" if response.status_code == 200 else f"{response.status_code} {response.json()['error']['code']}"
+        except Exception as error:  # the soak counts every failure instead of stopping
+            with self.lock:
+                self.lost += 1
+                self.unexpected[f"lost: {type(error).__name__}"] += 1
+            return None
+        with self.lock:
+            self.latencies_s.append(time.perf_counter() - started)
+            self.answers[outcome] += 1
+            if not expected(response.status_code):
+                self.unexpected[f"{expected.__name__}, got {outcome}"] += 1
+        return response
+
+
+def interactive_session(tally: KindTally, url: str, seed: int, stop_at: float) -> None:
+    """Sessions one after another, each on a new image: a first request, then follow-ups by image id."""
+    rng, pixels = random.Random(seed), np.random.default_rng(seed)
+    with httpx.Client(base_url=url) as client:
+        while time.monotonic() < stop_at:
+            image = SoakImage.random(pixels)
+            first = tally.post(client, {"image": image.base64, "text": rng.choice(TEXTS)}, answered)
+            image_id = first.json().get("image_id") if first is not None and first.status_code == 200 else None
+            for _ in range(FOLLOW_UPS):
+                prompt = good_prompt(rng, image.width, image.height)
+                if image_id is None:
+                    tally.post(client, {"image": image.base64, **prompt}, answered)
+                    continue
+                answer = tally.post(client, {"image_id": image_id, **prompt}, answered_or_evicted)
+                hit = answer is not None and answer.status_code == 200
+                with tally.lock:
+                    tally.cache_lookups["hit" if hit else "miss"] += 1
+                if not hit:  # evicted (404): the image goes again, as the clients send it
+                    again = tally.post(client, {"image": image.base64, **prompt}, answered)
+                    image_id = again.json().get("image_id") if again is not None and again.status_code == 200 else None
+
+
+def http_caller(tally: KindTally, url: str, images: list[SoakImage], bad_share: float, seed: int, stop_at: float) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(base_url=url) as client:
+        while time.monotonic() < stop_at:
+            image = rng.choice(images)
+            if rng.random() < bad_share:
+                tally.post(client, bad_request(rng, image), refused)
+            else:
+                tally.post(client, {"image": image.base64, **good_prompt(rng, image.width, image.height)}, answered)
+
+
+def job_runs(tally: KindTally, ray_address: str, image_dir: Path, workdir: Path, stop_at: float) -> None:
+    """`pipelines.segment --via service` over the same images, again and again, each run into a new output."""
+    images = sorted(path.name for path in image_dir.iterdir())
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_address}
+    run = 0
+    while time.monotonic() < stop_at:
+        output = workdir / f"job-{run}"
+        started = time.perf_counter()
+        finished = subprocess.run(
+            [sys.executable, "-m", "pipelines.segment", "--input", str(image_dir), "--output", str(output),
+             "--text", "a red car", "--via", "service", "--workers", "1", "--max-in-flight", "4"],
+            cwd=REPO, env=environment, capture_output=True, text=True,
+        )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        rows = pq.read_table(output, columns=["image", "error_code"]).to_pylist() if output.exists() else []
+        seen = Counter(Path(row["image"]).name for row in rows)
+        with tally.lock:
+            tally.latencies_s.append(elapsed)
+            tally.lost += sum(1 for name in images if seen[name] != 1)
+            if finished.returncode != 0:
+                tally.unexpected[f"job exited {finished.returncode}: {finished.stderr.strip().splitlines()[-1:]}"] += 1
+            for row in rows:
+                outcome = "200" if row["error_code"] is None else row["error_code"]
+                tally.answers[outcome] += 1
+                if row["error_code"] is not None:
+                    tally.unexpected[f"good row: {outcome}"] += 1
+        run += 1
 
 
 def _resident_mb(_actor) -> float:
@@ -76,36 +231,31 @@ def replica_memory_mb() -> dict[str, float]:
     return memory
 
 
-class Soak:
-    def __init__(self, url: str, images: list[str], bad_share: float):
-        self.url, self.images, self.bad_share = url, images, bad_share
-        self.latencies: list[float] = []
-        self.outcomes: Counter[str] = Counter()
-        self.lock = threading.Lock()
+def cache_mb(replicas: int) -> dict[str, float]:
+    """What each model replica's vision-feature cache holds, by replica id, in MB."""
+    stats = replica_stats(replicas, MODEL_POOL)
+    return {replica: sum(cache["bytes_held"] for cache in s["vision_cache"].values()) / 1e6 for replica, s in stats.items()}
 
-    def worker(self, seed: int, stop_at: float) -> None:
-        rng = random.Random(seed)
-        with httpx.Client(base_url=self.url, timeout=120) as client:
-            while time.monotonic() < stop_at:
-                bad = rng.random() < self.bad_share
-                prompt = rng.choice(BAD_PROMPTS if bad else GOOD_PROMPTS)
-                started = time.perf_counter()
-                try:
-                    response = client.post("/v1/segment", json={"image": rng.choice(self.images), **prompt})
-                    outcome = "ok" if response.status_code == 200 else response.json()["error"]["code"]
-                    outcome = f"{outcome} ({'bad' if bad else 'good'} request)"
-                except Exception as error:  # the soak reports every failure kind instead of stopping
-                    outcome = f"client error {type(error).__name__}"
-                with self.lock:
-                    self.latencies.append(time.perf_counter() - started)
-                    self.outcomes[outcome] += 1
+
+def cache_hit_rate(replicas: int) -> float:
+    stats = replica_stats(replicas, MODEL_POOL)
+    counts = [cache for s in stats.values() for cache in s["vision_cache"].values()]
+    lookups = sum(cache["hits"] + cache["misses"] for cache in counts)
+    return sum(cache["hits"] for cache in counts) / lookups if lookups else float("nan")
+
+
+def is_flat(start_mb: float, end_mb: float, cache_growth_mb: float) -> bool:
+    return end_mb - start_mb - max(cache_growth_mb, 0) <= max(FLAT_GROWTH_MB, FLAT_GROWTH_SHARE * start_mb)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--bad-share", type=float, default=0.1)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--sessions", type=int, default=4, help="interactive users at once")
+    parser.add_argument("--http", type=int, default=8, help="callers of single HTTP requests at once")
+    parser.add_argument("--bad-share", type=float, default=0.1, help="share of the single requests that are bad")
+    parser.add_argument("--job-images", type=int, default=48, help="images in each run of the Ray job (0: no job)")
+    parser.add_argument("--model-replicas", type=int, default=2)
     parser.add_argument("--checkpoint")
     parser.add_argument("--warmup-s", type=float, default=60, help="load before the start memory reading")
     args = parser.parse_args()
@@ -115,37 +265,88 @@ def main() -> None:
         print("tiny random-weight checkpoint: its masks are meaningless; this measures the service, not SAM 3")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray_address = context.address_info["gcs_address"]
     try:
-        url = serve_run(cpu_config(checkpoint, free_port()), workdir / "config.yaml", context.address_info["gcs_address"])
-        soak = Soak(url, encoded_images(16), args.bad_share)
-        memory_before_load = replica_memory_mb()
+        config = cpu_config(checkpoint, free_port())
+        fixed = {"min_replicas": args.model_replicas, "max_replicas": args.model_replicas}
+        deployment(config, MODEL_POOL)["autoscaling_config"].update(fixed)
+        url = serve_run(config, workdir / "config.yaml", ray_address)
+        rng = np.random.default_rng(0)
+        images = [SoakImage.random(rng) for _ in range(16)]
+        image_dir = workdir / "job-images"
+        image_dir.mkdir()
+        for index in range(args.job_images):
+            (image_dir / f"{index:04d}.jpg").write_bytes(base64.b64decode(SoakImage.random(rng).base64))
+        tallies = {"interactive": KindTally(), "http": KindTally(), "job": KindTally()}
+        memory_idle = replica_memory_mb()
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=args.concurrency) as threads:
-            for seed in range(args.concurrency):
-                threads.submit(soak.worker, seed, started + args.minutes * 60)
+        stop_at = started + args.minutes * 60
+        tasks: list[Callable[[], None]] = [
+            *(lambda seed=seed: interactive_session(tallies["interactive"], url, seed, stop_at) for seed in range(args.sessions)),
+            *(lambda seed=seed: http_caller(tallies["http"], url, images, args.bad_share, 1000 + seed, stop_at) for seed in range(args.http)),
+        ]  # fmt: skip
+        if args.job_images:
+            tasks.append(lambda: job_runs(tallies["job"], ray_address, image_dir, workdir, stop_at))
+        with ThreadPoolExecutor(max_workers=len(tasks)) as threads:
+            running = [threads.submit(task) for task in tasks]
             time.sleep(min(args.warmup_s, args.minutes * 30))
-            memory_start = replica_memory_mb()
+            memory_start, cache_start = replica_memory_mb(), cache_mb(args.model_replicas)
+            for task in running:
+                task.result()  # a soak worker that crashed is a bug of the soak: let it show
         elapsed = time.monotonic() - started
-        memory_end = replica_memory_mb()
-        report(soak, elapsed, args, memory_before_load, memory_start, memory_end)
+        memory_end, cache_end = replica_memory_mb(), cache_mb(args.model_replicas)
+        failed = report(tallies, args, elapsed, cache_hit_rate(args.model_replicas), memory_idle,
+                        (memory_start, cache_start), (memory_end, cache_end))  # fmt: skip
     finally:
         serve.shutdown()
         ray.shutdown()
+    sys.exit(1 if failed else 0)
 
 
-def report(soak: Soak, elapsed: float, args, memory_idle: dict, memory_start: dict, memory_end: dict) -> None:
-    total = sum(soak.outcomes.values())
-    latencies_ms = np.array(soak.latencies) * 1000
-    print(f"soak: {elapsed / 60:.1f} min, concurrency {args.concurrency}, bad share {args.bad_share:.0%}")
-    print(f"requests answered: {total} ({total / elapsed:.1f}/s)")
-    for outcome, count in soak.outcomes.most_common():
-        print(f"  {outcome}: {count}")
-    print(f"latency p50 {np.percentile(latencies_ms, 50):.0f} ms, p99 {np.percentile(latencies_ms, 99):.0f} ms")
-    print(f"replica resident memory (MB): idle / after {args.warmup_s:.0f} s of load (start) -> end (growth from start)")
+def percentile_ms(latencies_s: list[float], q: float) -> str:
+    return f"{np.percentile(np.array(latencies_s) * 1000, q):.0f}" if latencies_s else "-"
+
+
+def report(tallies: dict[str, KindTally], args, elapsed: float, hit_rate: float, memory_idle: dict, start, end) -> bool:
+    """Print the Markdown tables; True when something was lost or unexpected, or memory was not flat."""
+    print(f"\nSoak of {elapsed / 60:.1f} min on {cpu_name()} (commit {git_commit()}): `python -m benchmarks.soak "
+          f"--minutes {args.minutes:g} --sessions {args.sessions} --http {args.http} --bad-share {args.bad_share:g} "
+          f"--job-images {args.job_images} --model-replicas {args.model_replicas}`\n")  # fmt: skip
+    print("| kind | requests | answers by status and code | lost | unexpected | p50 ms | p99 ms | cache hits |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, tally in tallies.items():
+        answers = ", ".join(f"{outcome}: {count}" for outcome, count in sorted(tally.answers.items()))
+        unexpected = ", ".join(f"{what}: {count}" for what, count in tally.unexpected.items()) or "0"
+        lookups = sum(tally.cache_lookups.values())
+        hits = f"{tally.cache_lookups['hit'] / lookups:.1%} of follow-ups" if lookups else "-"
+        if kind == "job":
+            hits, unit = f"{len(tally.latencies_s)} runs", "s per run"
+            p50, p99 = (f"{np.percentile(tally.latencies_s, q):.0f} {unit}" if tally.latencies_s else "-" for q in (50, 99))
+        else:
+            p50, p99 = percentile_ms(tally.latencies_s, 50), percentile_ms(tally.latencies_s, 99)
+        print(f"| {kind} | {sum(tally.answers.values()) + tally.lost} | {answers} | {tally.lost} | {unexpected} | {p50} | {p99} | {hits} |")
+    print(f"\nVision-feature cache, all model replicas: {hit_rate:.1%} of lookups hit.\n")
+    memory_start, cache_start = start
+    memory_end, cache_end = end
+    bound = f"{FLAT_GROWTH_MB:.0f} MB or {FLAT_GROWTH_SHARE:.0%}"
+    print(f"| replica | idle MB | start MB (after {args.warmup_s:.0f} s of load) | end MB | growth | cache growth | flat (growth - cache growth <= {bound}) |")
+    print("|---|---|---|---|---|---|---|")
+    not_flat = 0
     for name in sorted(memory_start):
-        end = memory_end.get(name)
-        growth = "replaced" if end is None else f"{end:.0f} ({end - memory_start[name]:+.0f})"
-        print(f"  {name}: {memory_idle.get(name, float('nan')):.0f} / {memory_start[name]:.0f} -> {growth}")
+        replica_id = name.rsplit("#", 1)[-1]
+        cache_growth = cache_end.get(replica_id, 0.0) - cache_start.get(replica_id, 0.0)
+        if name not in memory_end:
+            print(f"| {name} | {memory_idle.get(name, float('nan')):.0f} | {memory_start[name]:.0f} | replaced | | | no |")
+            not_flat += 1
+            continue
+        flat = is_flat(memory_start[name], memory_end[name], cache_growth)
+        not_flat += not flat
+        print(f"| {name} | {memory_idle.get(name, float('nan')):.0f} | {memory_start[name]:.0f} | {memory_end[name]:.0f} "
+              f"| {memory_end[name] - memory_start[name]:+.0f} | {cache_growth:+.0f} | {'yes' if flat else 'NO'} |")  # fmt: skip
+    lost = sum(tally.lost for tally in tallies.values())
+    unexpected = sum(sum(tally.unexpected.values()) for tally in tallies.values())
+    print(f"\nlost: {lost}, unexpected: {unexpected}, replicas not flat: {not_flat}")
+    return bool(lost or unexpected or not_flat)
 
 
 if __name__ == "__main__":
