@@ -175,6 +175,8 @@ class SegmentClient(ABC):
         self._image_http = image_http
         self._image_ids = ImageIds() if reuse_images else None
         self._sleep, self._clock = time.sleep, time.monotonic  # tests swap in a fake clock
+        # Called with each error a call retries, from the thread making the call (the Ray job counts retries).
+        self.on_retry: Callable[[Exception], None] | None = None
 
     def run(
         self,
@@ -396,6 +398,7 @@ class SegmentClient(ABC):
             timeout=timeout,
             sleep=self._sleep,
             clock=self._clock,
+            on_retry=self.on_retry,
         )
 
     @abstractmethod

@@ -52,8 +52,11 @@ def call_with_retries(
     timeout: float | None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_retry: Callable[[Exception], None] | None = None,
 ) -> T:
-    """`attempt(remaining_s)` until it succeeds or fails for good; no retry starts that would end past `timeout`."""
+    """`attempt(remaining_s)` until it succeeds or fails for good; no retry starts that would end past `timeout`.
+
+    `on_retry` is called with each error that is retried, before the wait (so a caller can count retries)."""
     deadline = None if timeout is None else clock() + timeout
     remaining, retry = timeout, 0
     while True:
@@ -66,6 +69,8 @@ def call_with_retries(
             logger.info(
                 "retry %d/%d in %.3f s after %s: %s", retry + 1, policy.retries, delay, type(error).__name__, error
             )
+            if on_retry is not None:
+                on_retry(error)
             sleep(delay)
             if deadline is not None:
                 remaining = deadline - clock()

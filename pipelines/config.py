@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,11 @@ class JobConfig(BaseModel):
     config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
     checkpoint: str | None = Field(None, description="--via actors: the checkpoint instead of the config's default model's.")
     device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
+    model_resource: str | None = Field(
+        None,
+        description="actors: each model actor also asks for one unit of this custom resource, so it runs only on "
+        "nodes that offer it (ray start --resources)",
+    )
     workers: int = Field(2, ge=1, description="service: caller actors; actors: most model actors (one per GPU).")
     max_in_flight: int = Field(8, ge=1, description="service: requests each caller keeps in flight.")
     batch_size: int | None = Field(
@@ -38,16 +44,30 @@ class JobConfig(BaseModel):
         description="Rows per call of a worker: actors, one model batch (8); service, 8 x --max-in-flight, so the "
         "window of requests in flight stays full but for each call's last few",
     )
-    worker_cpus: float = Field(1.0, gt=0, description="CPUs each worker actor asks for (model actors on CPU).")
+    worker_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="CPUs each worker actor asks for (model actors on CPU; 0: --model-resource alone places them).",
+    )
     rows_per_file: int = Field(1000, ge=1, description="Rows per output Parquet file (bounds file size and lost work).")
     timeout_s: float = Field(300.0, gt=0, description="service: each request's budget, retries included.")
-    retries: int = Field(8, ge=0, description="service: retries of a 503 or a lost replica, with backoff.")
+    retries: int | None = Field(
+        None,
+        ge=0,
+        description="service: most retries of a row's 503s and lost replicas, with backoff of at most 10 s (none: "
+        "--timeout-s alone bounds them, so a lost model node that is back within it costs only the wait)",
+    )
 
     @property
     def rows_per_call(self) -> int:
         if self.batch_size is not None:
             return self.batch_size
         return 8 * self.max_in_flight if self.via == "service" else 8
+
+    @property
+    def request_retries(self) -> int:
+        """--retries, or one per second of --timeout-s: at a mean of about 5 s apart, the timeout ends them first."""
+        return self.retries if self.retries is not None else math.ceil(self.timeout_s)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> JobConfig:
@@ -56,6 +76,8 @@ class JobConfig(BaseModel):
             raise ValueError(f"give exactly one of --text, --prompt or --prompt-column, got {given or 'none'}")
         if self.prompt_column is not None and not is_table(self.input):
             raise ValueError("--prompt-column needs a .parquet or .csv table as --input")
+        if self.model_resource is not None and self.via != "actors":
+            raise ValueError("--model-resource places the job's model actors: it needs --via actors")
         return self
 
 

@@ -5,43 +5,71 @@ output rows (`pipelines.rows.OUTPUT_SCHEMA`).
 in flight, so a job and online traffic share one autoscaled, batching model pool. `PipelineSegmenter`
 loads the model itself and runs the same core code as the model pool (`Sam3Pipeline.answer`), for a
 cluster dedicated to the job.
+
+Both report to the job's tally (`pipelines.tally`), for the summary line, whether Ray restarted them and
+the rows of each batch as it starts, and the service engine the requests it retried.
 """
 
 from __future__ import annotations
 
+import threading
+
 import pyarrow as pa
+from ray.actor import ActorHandle
 
 from client.handle_client import Sam3HandleClient
 from deployments.config import AppArgs
 from pipelines.rows import segment_rows
+from pipelines.tally import report, report_start
 
 
 class ServiceSegmenter:
     def __init__(
-        self, app_name: str, max_in_flight: int, timeout_s: float, retries: int, max_instances: int | None = None
+        self,
+        app_name: str,
+        max_in_flight: int,
+        timeout_s: float,
+        retries: int,
+        max_instances: int | None = None,
+        tally: ActorHandle | None = None,
     ):
-        """Replica restarts and 503s are retried by the client with backoff; a row that still fails is
-        written with its error and redone by the next run."""
+        """Lost or restarting replicas and 503s are retried by the client, `retries` times at most, with
+        backoff (at most 10 s apart) within `timeout_s`; a row that still fails is written with its error
+        and redone by the next run."""
         self.client = Sam3HandleClient(app_name, timeout=timeout_s, retries=retries, max_backoff_s=10.0)
+        self.client.on_retry = self._count_retry
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.max_instances = max_instances
+        self.tally = tally
+        report_start(tally)
+        self._retried = 0
+        self._retried_lock = threading.Lock()  # the client retries from its worker threads
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return segment_rows(
+        report(self.tally, rows_started=batch.num_rows)
+        rows = segment_rows(
             batch["image"].to_pylist(),
             batch["prompt"].to_pylist(),
             self._answer,
             timeout_s=self.timeout_s,
             max_instances=self.max_instances,
         )
+        with self._retried_lock:
+            retried, self._retried = self._retried, 0
+        report(self.tally, requests_retried=retried)
+        return rows
 
     def _answer(self, requests):
         return list(self.client.segment_many(requests, concurrency=self.max_in_flight))
 
+    def _count_retry(self, error: Exception) -> None:
+        with self._retried_lock:
+            self._retried += 1
+
 
 class PipelineSegmenter:
-    def __init__(self, args: AppArgs, max_instances: int | None = None):
+    def __init__(self, args: AppArgs, max_instances: int | None = None, tally: ActorHandle | None = None):
         """The application's own `args` (checkpoint, thresholds, limits), so both engines answer alike."""
         import torch
 
@@ -58,8 +86,11 @@ class PipelineSegmenter:
             max_prompt_items=args.max_prompt_items,
         )
         self.max_instances = max_instances
+        self.tally = tally
+        report_start(tally)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        report(self.tally, rows_started=batch.num_rows)
         return segment_rows(
             batch["image"].to_pylist(),
             batch["prompt"].to_pylist(),

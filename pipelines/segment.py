@@ -7,7 +7,9 @@
 pool); `--via actors` runs the model in the job's own actor pool (GPU actors where the cluster has GPUs).
 The job streams: rows are read, segmented and written as they go, so memory does not grow with the input.
 It never stops for one bad row: that row is written with its error code. Re-running with the same output
-skips the rows already done and redoes the failed ones.
+skips the rows already done and redoes the failed ones. A lost node costs only time: worker actors are
+restarted where their resources are offered and their cut-short batches run again, and requests to the
+service retry 503s and lost replicas within `--timeout-s`; the summary line counts what was done again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import yaml
+from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FilenameProvider
 
@@ -40,6 +43,7 @@ from pipelines.config import JobConfig, is_table
 from pipelines.engines import PipelineSegmenter, ServiceSegmenter
 from pipelines.output import output_filesystem, prepare_output, summarize
 from pipelines.rows import canonical_prompt, row_keys
+from pipelines.tally import start_tally
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -62,7 +66,8 @@ def _run(config: JobConfig, run_id: str, done: np.ndarray, rows: Dataset) -> str
         rows = rows.map_batches(drop_done, batch_format="pyarrow", fn_kwargs={"done": [ray.put(done)]})
     rows = rows.repartition(target_num_rows_per_block=config.rows_per_call)
     started = time.monotonic()
-    segmented = segment_stage(rows, config)
+    tally = start_tally()
+    segmented = segment_stage(rows, config, tally)
     segmented.write_parquet(
         config.output,
         filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
@@ -71,11 +76,13 @@ def _run(config: JobConfig, run_id: str, done: np.ndarray, rows: Dataset) -> str
     )
     elapsed = time.monotonic() - started
     this_run, everything = summarize(config.output, prefix=run_id), summarize(config.output)
+    counts = ray.get(tally.read.remote())
     errors = ", ".join(f"{code} {count}" for code, count in sorted(this_run.errors.items())) or "none"
     line = (
         f"{run_id}: {this_run.rows} rows in {elapsed:.1f} s ({this_run.rows / elapsed:.1f} images/s), "
-        f"{this_run.succeeded} ok, errors: {errors}; skipped {len(done)} rows done before; "
-        f"{config.output} holds {everything.rows} rows"
+        f"{this_run.succeeded} ok, errors: {errors}; retried {counts['requests_retried']} requests, "
+        f"restarted {counts['workers_restarted']} workers, redid {counts['rows_started'] - this_run.rows} rows; "
+        f"skipped {len(done)} rows done before; {config.output} holds {everything.rows} rows"
     )
     if config.coco_json is not None:
         count = write_coco_results(config.output, config.coco_json)
@@ -182,8 +189,17 @@ def drop_done(batch: pa.Table, *, done: list) -> pa.Table:
     return batch.filter(pa.array(done_keys[found] != keys))
 
 
-def segment_stage(rows: Dataset, config: JobConfig) -> Dataset:
-    common = {"batch_size": config.rows_per_call, "batch_format": "pyarrow", "num_cpus": config.worker_cpus}
+def segment_stage(rows: Dataset, config: JobConfig, tally: ActorHandle | None) -> Dataset:
+    """The rows through the engine's worker actors. A worker lost with its node is restarted wherever its
+    resources are offered and the batches it was given run again (Ray Data's defaults, stated here because
+    the job's guarantee rests on them): each row is still written once."""
+    common = {
+        "batch_size": config.rows_per_call,
+        "batch_format": "pyarrow",
+        "num_cpus": config.worker_cpus,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
     if config.via == "service":
         _check_application(config.app_name)
         return rows.map_batches(
@@ -192,8 +208,9 @@ def segment_stage(rows: Dataset, config: JobConfig) -> Dataset:
                 "app_name": config.app_name,
                 "max_in_flight": config.max_in_flight,
                 "timeout_s": config.timeout_s,
-                "retries": config.retries,
+                "retries": config.request_retries,
                 "max_instances": config.max_instances,
+                "tally": tally,
             },
             compute=ActorPoolStrategy(size=config.workers),
             **common,
@@ -202,9 +219,10 @@ def segment_stage(rows: Dataset, config: JobConfig) -> Dataset:
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     return rows.map_batches(
         PipelineSegmenter,
-        fn_constructor_kwargs={"args": args, "max_instances": config.max_instances},
+        fn_constructor_kwargs={"args": args, "max_instances": config.max_instances, "tally": tally},
         compute=ActorPoolStrategy(min_size=1, max_size=min(config.workers, gpus) if gpus else config.workers),
         num_gpus=1 if gpus else 0,
+        resources={config.model_resource: 1} if config.model_resource else {},
         **common,
     )
 

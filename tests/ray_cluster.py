@@ -90,8 +90,14 @@ class Cluster:
         self.workers.append(worker)
 
         def joined() -> bool:
+            # Not the head: the state API may list no node yet when `before` is taken, and then the head too.
             worker.node_id = next(
-                (node["node_id"] for node in self.alive_nodes() if node["node_id"] not in before), None
+                (
+                    node["node_id"]
+                    for node in self.alive_nodes()
+                    if node["node_id"] not in before and not node["is_head_node"]
+                ),
+                None,
             )
             return worker.node_id is not None
 

@@ -195,3 +195,12 @@ def test_each_retry_is_logged(clock, caplog):
     (record,) = caplog.records
     assert record.levelno == logging.INFO
     assert "retry 1/3" in record.getMessage() and "ConnectionFailedError: refused" in record.getMessage()
+
+
+def test_on_retry_is_told_each_retried_error_and_not_the_last(clock):
+    errors = [ServiceUnavailableError(f"busy {n}") for n in range(3)]
+    told: list[Exception] = []
+    with pytest.raises(ServiceUnavailableError):
+        call_with_retries(Attempts(clock, *errors), policy=RetryPolicy(retries=2), timeout=None,
+                          sleep=clock.sleep, clock=clock.clock, on_retry=told.append)  # fmt: skip
+    assert told == errors[:2]

@@ -36,6 +36,7 @@ from pipelines.engines import PipelineSegmenter, ServiceSegmenter
 from pipelines.output import prepare_output, summarize
 from pipelines.rows import OUTPUT_SCHEMA, build_request, canonical_prompt, parse_prompt, row_keys, segment_rows
 from pipelines.segment import drop_done, list_images, table_rows
+from pipelines.tally import Tally
 from tests.conftest import random_image
 
 HEIGHT, WIDTH = 12, 16
@@ -660,9 +661,66 @@ def test_both_engines_are_given_max_instances(monkeypatch, via):
     monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
     config = segment_module.parse_args([*JOB_ARGS, "--via", via, "--max-instances", "4"])
     rows = FakeDataset()
-    segment_module.segment_stage(rows, config)
+    segment_module.segment_stage(rows, config, tally=None)
     assert rows.fn is (ServiceSegmenter if via == "service" else PipelineSegmenter)
     assert rows.kwargs["fn_constructor_kwargs"]["max_instances"] == 4
+
+
+@pytest.mark.parametrize("via", ["service", "actors"])
+def test_a_lost_worker_is_restarted_and_its_batches_run_again(monkeypatch, via):
+    """The job's guarantee when a node is lost rests on these, whatever Ray Data's defaults become."""
+    monkeypatch.setattr(segment_module, "_check_application", lambda app_name: None)
+    monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
+    rows = FakeDataset()
+    segment_module.segment_stage(rows, segment_module.parse_args([*JOB_ARGS, "--via", via]), tally="the tally")
+    assert (rows.kwargs["max_restarts"], rows.kwargs["max_task_retries"]) == (-1, -1)
+    assert rows.kwargs["fn_constructor_kwargs"]["tally"] == "the tally"
+
+
+def test_model_resource_places_the_model_actors_and_needs_via_actors(monkeypatch, capsys):
+    monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
+    args = [*JOB_ARGS, "--model-resource", "sam3_model", "--worker-cpus", "0"]
+    rows = FakeDataset()
+    segment_module.segment_stage(rows, segment_module.parse_args([*args, "--via", "actors"]), tally=None)
+    assert (rows.kwargs["resources"], rows.kwargs["num_cpus"]) == ({"sam3_model": 1}, 0)
+    segment_module.segment_stage(rows, segment_module.parse_args([*JOB_ARGS, "--via", "actors"]), tally=None)
+    assert (rows.kwargs["resources"], rows.kwargs["num_cpus"]) == ({}, 1)
+    with pytest.raises(SystemExit):
+        segment_module.parse_args([*args, "--via", "service"])
+    assert "--model-resource" in capsys.readouterr().err
+
+
+def test_the_service_engine_retries_until_the_timeout_unless_told_how_often():
+    config = segment_module.parse_args([*JOB_ARGS, "--via", "service", "--timeout-s", "120.5"])
+    assert config.retries is None and config.request_retries == 121
+    assert segment_module.parse_args([*JOB_ARGS, "--via", "service", "--retries", "3"]).request_retries == 3
+
+
+def test_the_service_engine_reports_its_rows_and_retries_to_the_tally(monkeypatch, tmp_path):
+    reported: list[dict[str, int]] = []
+    monkeypatch.setattr("pipelines.engines.report", lambda tally, **counts: reported.append(counts))
+    segmenter = ServiceSegmenter("sam3", max_in_flight=2, timeout_s=30.0, retries=3)
+    fake = FakeAnswer()
+
+    def segment_many(requests, concurrency):
+        segmenter.client.on_retry(ServiceUnavailableError("busy"))
+        return fake(requests)
+
+    segmenter.client.segment_many = segment_many
+    image = write_png(tmp_path / "a.png")
+    segmenter(pa.table({"image": [image, image], "prompt": [CAT, POINT]}))
+    segmenter(pa.table({"image": [image], "prompt": [CAT]}))
+    assert reported == [
+        {"rows_started": 2}, {"requests_retried": 1}, {"rows_started": 1}, {"requests_retried": 1}
+    ]  # fmt: skip
+
+
+def test_the_tally_adds_counts_by_name_and_reads_0_for_what_nobody_counted():
+    tally = Tally()
+    assert tally.read()["workers_restarted"] == 0
+    tally.add({"rows_started": 8, "requests_retried": 2})
+    tally.add({"rows_started": 8, "workers_restarted": 1})
+    assert tally.read() == {"rows_started": 16, "requests_retried": 2, "workers_restarted": 1}
 
 
 def test_the_service_engine_sends_max_instances_with_every_row(tmp_path):
