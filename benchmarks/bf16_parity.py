@@ -1,6 +1,7 @@
 """bf16 against float32 on the same inputs: how far masks, scores and boxes move, and which instances flip.
 
     python -m benchmarks.bf16_parity [--preset tiny|mid] [--checkpoint DIR] [--device cpu]
+                                     [--compiled [--dtype float32|bfloat16]]
 
 Two ways to run in bf16, each against the float32 model on the same prepared inputs:
   cast      `load_sam3(..., dtype="bfloat16")`: the whole model cast with `.to(bfloat16)` (what `dtype` does);
@@ -13,6 +14,8 @@ tracker's IoU score for points); a flip is a query kept in one precision and dro
 of prompt that a mode cannot run is reported with its error.
 Without --checkpoint it builds the preset's random-weight checkpoint: its masks are meaningless, only the
 agreement between precisions matters. bf16 on a CPU without native bf16 is slow: this measures, not times.
+--compiled measures instead the model with its layers compiled (`compile: true`) against the same model
+uncompiled, both in --dtype: the same function through other kernels.
 """
 
 from __future__ import annotations
@@ -197,6 +200,20 @@ def measure(checkpoint: str, device: str = "cpu") -> dict[str, dict[str, Agreeme
     return results
 
 
+def measure_compiled(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> dict[str, dict[str, Agreement]]:
+    """The compiled model's agreement with the uncompiled one, per prompt kind, in one dtype."""
+    eager = load_sam3(checkpoint, device=device, dtype=dtype)
+    items = prepared_items(eager)
+    (reference, _), (outputs, failures) = run(eager, items), run(load_sam3(checkpoint, device, dtype, compile=True), items)
+    if failures:
+        raise RuntimeError(f"the compiled model fails: {failures}")
+    agreements = {kind: Agreement() for kind in KINDS}
+    for item, ref_outputs, candidate_outputs in zip(items, reference, outputs):
+        for slot, candidate in candidate_outputs.items():
+            agreements[PROMPTS[slot][0]].add(compare(ref_outputs[slot], candidate, item.original_size))
+    return {"compiled": agreements}
+
+
 def format_table(results: dict[str, dict[str, Agreement | str]]) -> str:
     lines = [
         f"{'mode':<10}{'prompts':<8}{'instances':>10}{'mean IoU':>10}{'min IoU':>10}{'max |dscore|':>14}"
@@ -223,13 +240,20 @@ def main() -> None:
     source.add_argument("--preset", choices=["tiny", "mid"], default="tiny")
     source.add_argument("--checkpoint")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compiled", action="store_true", help="compiled against uncompiled, in --dtype")
+    parser.add_argument("--dtype", default="float32", help="with --compiled: both models' dtype")
     args = parser.parse_args()
     checkpoint = args.checkpoint or str(build_tiny_checkpoint(tempfile.mkdtemp(), preset=args.preset))
     started = time.perf_counter()
-    results = measure(checkpoint, args.device)
-    what = args.checkpoint or f"the {args.preset} random-weight checkpoint"
+    if args.compiled:
+        results = measure_compiled(checkpoint, args.device, args.dtype)
+        what = f"compiled vs uncompiled ({args.dtype})"
+    else:
+        results = measure(checkpoint, args.device)
+        what = "bf16 vs float32"
+    source = args.checkpoint or f"the {args.preset} random-weight checkpoint"
     print(
-        f"bf16 vs float32 on {what}, device {args.device}, {len(IMAGES)} images x {len(PROMPTS)} prompts, "
+        f"{what} on {source}, device {args.device}, {len(IMAGES)} images x {len(PROMPTS)} prompts, "
         f"score threshold {SCORE_THRESHOLD}, torch threads {torch.get_num_threads()}"
     )
     print(format_table(results))

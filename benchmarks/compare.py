@@ -3,11 +3,12 @@
     python -m benchmarks.compare [--preset tiny|mid|full | --checkpoint DIR] [--device cpu|cuda]
         [--dtype auto|float32|bfloat16] [--images 48] [--score-threshold T] [--max-instances K] [--requests 16]
         [--concurrency 1,8,32] [--autoscale-load-s 60] [--only inprocess,prompts,bytes,http,handle,floor]
-        [--configurations batched,unbatched,autoscaling,cache-hits] [--markdown]
+        [--configurations batched,unbatched,autoscaling,cache-hits] [--compile auto|on|off] [--markdown]
 
 Each request sends the next of `--images` distinct 640x480 JPEG photos (crops of scikit-image's photos, as files
 and as their pixels in numpy arrays) with the same text prompt, and every model runs in `--dtype` (auto:
-bfloat16 on cuda, float32 on cpu):
+bfloat16 on cuda, float32 on cpu), our core and the model pool with their layers compiled as `--compile` says
+(auto: on cuda, as the application's own `compile: auto`):
   inprocess  transformers' own pipeline one image at a time (what a user writes: `Sam3Model` + `Sam3Processor`,
              `post_process_instance_segmentation`), and our core (`Sam3Pipeline.segment`), each in this process;
   prompts    our core in this process with one text and with four on the same photo (one vision pass),
@@ -76,6 +77,7 @@ from deployments.core import tiny_checkpoint
 from deployments.config import AppArgs
 from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_dtype
 from deployments.core.pipeline import Sam3Pipeline, prepare_request
+from deployments.core.pipeline import warm_up as warm_up_model
 from deployments.core.postprocess import encode_segmentation, to_response
 from deployments.core.runner import Sam3Runner
 from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
@@ -194,7 +196,7 @@ def print_header(args, checkpoint: Path, photos: list[Path]) -> None:
     print(f"checkpoint: {source}, {checkpoint} (random weights: masks meaningless, compute as real)")
     jpeg_kb = statistics.fmean(photo.stat().st_size for photo in photos) / 1000
     print(
-        f"device {args.device}, dtype {args.dtype} (in process and in the application); images: {len(photos)} "
+        f"device {args.device}, dtype {args.dtype}, compile {args.compile} (in process and in the application); images: {len(photos)} "
         f"distinct 640x480 JPEG photos (crops of scikit-image's {', '.join(PHOTOS)}; {jpeg_kb:.0f} kB on average), "
         f"each request the next one, as a path and as a numpy array; text prompt {args.text!r}; {args.requests} "
         f"timed requests per configuration (at least one per thread), after a warm-up"
@@ -376,7 +378,8 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
         name, key = f"transformers in process, {label}", ("transformers", label)
         rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key, args.gpu))
     del segment
-    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device, dtype=args.dtype))
+    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device, dtype=args.dtype, compile=args.compile))
+    warm_up_model(pipeline.runner)
 
     def core(image) -> int:
         return len(pipeline.segment(str(image) if isinstance(image, Path) else image, **args.prompt).scores)
@@ -475,9 +478,11 @@ def app_config(
     dtype: str | None = None,
     vision_cache_bytes: int | None = None,
     autoscaling: bool = False,
+    compile: bool | str | None = None,
 ) -> dict:
     """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas unless
-    `autoscaling`. `dtype` and `vision_cache_bytes` (0: the cache off) replace the configured ones; None keeps them."""
+    `autoscaling`. `dtype` and `vision_cache_bytes` (0: the cache off) replace the configured ones; None keeps them.
+    `compile` (True, False or "auto") likewise."""
     if device == "cpu":
         config = cpu_config(str(checkpoint), port)
     else:
@@ -489,6 +494,8 @@ def app_config(
         config["applications"][0]["args"]["dtype"] = dtype
     if vision_cache_bytes is not None:
         config["applications"][0]["args"]["vision_cache_bytes"] = vision_cache_bytes
+    if compile is not None:
+        config["applications"][0]["args"]["compile"] = compile
     for deployment in config["applications"][0]["deployments"]:
         scaling = deployment.get("autoscaling_config")
         if scaling is not None and not autoscaling:  # pinned, not removed: the code's own config would apply
@@ -671,7 +678,7 @@ def measure_application(
 
     def deploy(name: str, **options) -> str:
         """`serve run` the first configuration, and each later one over the running application."""
-        config = app_config(checkpoint, port, args.device, dtype=args.dtype, **options)
+        config = app_config(checkpoint, port, args.device, dtype=args.dtype, compile=args.compile, **options)
         path = workdir / f"{name}.yaml"
         return serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
 
@@ -930,6 +937,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--max-instances", type=int, help="at most this many instances per answer, the best scoring (max_instances)"
     )
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="our core in process and the application's model pool with their layers compiled (compile: true); "
+        "auto: on cuda",
+    )
     parser.add_argument("--markdown", action="store_true", help="print tables for benchmarks/RESULTS.md")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -941,6 +955,7 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.configurations) - set(CONFIGURATIONS)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; choose from {','.join(CONFIGURATIONS)}")
+    args.compile = {"on": True, "off": False}.get(args.compile, "auto")
     args.gpu = args.device == "cuda"  # sample the GPU's utilization during the timed requests
     # Resolved here, by the server's own rule: the application is told the name, float32 or bfloat16.
     args.dtype = resolve_dtype(args.dtype, args.device)

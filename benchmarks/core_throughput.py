@@ -3,6 +3,7 @@
     python -m benchmarks.core_throughput [--checkpoint DIR] [--size 112] [--requests 64] [--device cpu]
                                          [--dtype auto] [--prompts mixed|text] [--score-threshold T]
                                          [--max-instances K] [--profile] [--autocast]
+                                         [--compile all|vision,detr_encoder,detr_decoder]
 
 Without --checkpoint it builds the tiny random-weight checkpoint (its masks are meaningless; it has the
 real model's structure at a fraction of its cost, so figures here compare strategies, not hardware).
@@ -10,7 +11,8 @@ On a GPU, give the real checkpoint directory (random weights cost the same compu
 Each request is a distinct 640x480 image. `runner.run` is the model replica's whole work: the forward pass
 and the answer finished on the device (masks upsampled, thresholded and bit-packed) and copied to the host.
 --profile adds, for one batch, the split between the forward pass and finishing, and the operations that
-take the most device time (torch.profiler).
+take the most device time (torch.profiler). --compile compiles those stacks of layers (the application's
+`compile: true` compiles all three) and reports the warm-up passes that compile them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 import torch
 
 from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
+from deployments.core.compilation import REGIONS, compile_layers
+from deployments.core.pipeline import Sam3Pipeline, warm_up
 from deployments.core.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import random_image
 
@@ -81,6 +84,12 @@ def main() -> None:
     parser.add_argument(
         "--autocast", action="store_true", help="run the --dtype weights under torch.autocast(bfloat16) (give float32)"
     )
+    parser.add_argument(
+        "--compile",
+        type=lambda value: tuple(REGIONS) if value == "all" else tuple(value.split(",")),
+        default=(),
+        help=f"torch.compile these stacks of layers: all, or some of {','.join(REGIONS)}",
+    )
     args = parser.parse_args()
     checkpoint = args.checkpoint or str(build_tiny_checkpoint(tempfile.mkdtemp(), image_size=args.size))
     if not args.checkpoint:
@@ -92,6 +101,10 @@ def main() -> None:
     pipeline = Sam3Pipeline(models, score_threshold=args.score_threshold)
     precision = torch.autocast(args.device, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
     with precision:
+        if args.compile:
+            compile_layers(models.detector, args.compile)
+            passes = warm_up(pipeline.runner)
+            print(f"compiled {','.join(args.compile)}: warm-up passes took {' + '.join(f'{s:.1f}' for s in passes)} s")
         measure(pipeline, args)
 
 
@@ -116,7 +129,8 @@ def measure(pipeline: Sam3Pipeline, args: argparse.Namespace) -> None:
     shared_vision = timed(lambda: pipeline.runner.run([shared]), args.repeats * 5)
 
     print(
-        f"device={args.device} dtype={pipeline.models.dtype}{' under bf16 autocast' if args.autocast else ''} torch threads={torch.get_num_threads()} "
+        f"device={args.device} dtype={pipeline.models.dtype}{' under bf16 autocast' if args.autocast else ''} "
+        f"compiled={','.join(args.compile) or 'none'} torch threads={torch.get_num_threads()} "
         f"prompts={args.prompts} score threshold={args.score_threshold} max instances={args.max_instances} "
         f"instances per answer (first batch)={statistics.mean(instances):.1f}"
     )

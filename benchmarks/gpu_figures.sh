@@ -12,7 +12,9 @@
 #              ~150; with the bytes per hop and an autoscaling row) and with at most 8 (max_instances);
 #   parity-device  masks finished on the GPU against the same outputs finished on the CPU;
 #   parity-bf16  how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity);
-#   autocast-core  the core with float32 weights under bf16 autocast (the more accurate bf16, how fast).
+#   autocast-core  the core with float32 weights under bf16 autocast (the more accurate bf16, how fast);
+#   compiled-*  the core and the application with the layers compiled (`compile: true`), beside the core-*
+#              and app-* rows above, then each model replica's start (load, warm-up and compile) from its log.
 # STEPS (default "core app parity") chooses the groups or steps to run; STEP_TIMEOUT (seconds, default 300) bounds each
 # step, so one that hangs leaves time for the rest.
 set -uo pipefail
@@ -45,3 +47,9 @@ SHOW_LINES=3 step parity-device python -m benchmarks.device_parity --checkpoint 
 step parity-bf16 python -m benchmarks.bf16_parity --checkpoint "$checkpoint" --device cuda
 SHOW_LINES=8 step autocast-core python -m benchmarks.core_throughput --checkpoint "$checkpoint" --device cuda \
   --dtype float32 --autocast --prompts text --requests 16
+SHOW_LINES=10 step compiled-core-few "${core[@]}" --max-instances 8 --compile all
+SHOW_LINES=10 step compiled-core-vision "${core[@]}" --max-instances 8 --compile vision
+step compiled-app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8 --compile
+step compiled-app-many "${app[@]}" --only inprocess,http --configurations batched,autoscaling --autoscale-load-s 20 --compile
+SHOW_LINES=10 step compiled-starts grep -rh "ready in" /tmp/ray/ --include="*Sam3ModelPool*"
+SHOW_LINES=10 step compiled-core-many "${core[@]}" --compile all

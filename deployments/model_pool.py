@@ -16,7 +16,6 @@ import weakref
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 from ray import serve
 
@@ -24,7 +23,7 @@ from client.errors import RequestTimeoutError, Sam3Error
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
-from deployments.core.pipeline import prepare_item
+from deployments.core.pipeline import warm_up
 from deployments.core.postprocess import PackedSegmentation
 from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
 from deployments.metrics import ModelPoolMetrics
@@ -112,7 +111,7 @@ class Sam3ModelPool:
     def _load_on_model_thread(self, model_id: str) -> LoadedModel:
         args = self._args
         started = time.perf_counter()
-        models = load_sam3(args.models[model_id], resolve_device(args.device), args.dtype)
+        models = load_sam3(args.models[model_id], resolve_device(args.device), args.dtype, args.compile)
         runner = Sam3Runner(
             models,
             args.score_threshold,
@@ -124,28 +123,22 @@ class Sam3ModelPool:
             lambda queued: self._run_batch(model_id, runner, queued), max_batch_size=self._batch_config.max_batch_size
         )
         self._configure(batcher)
-        image_bytes = self._warm_up(runner, models)
+        warm_up_s = warm_up(runner)
+        image_bytes = runner.image_feature_bytes
         logger.info(
-            "model %s (%s) loaded in %.1f s; one image's vision features take %.1f MB (%d fit in vision_cache_bytes)",
+            "model %s (%s) ready in %.1f s, of which warm-up %s s%s; one image's vision features take %.1f MB "
+            "(%d fit in vision_cache_bytes)",
             model_id,
             args.models[model_id],
             time.perf_counter() - started,
+            " + ".join(f"{seconds:.1f}" for seconds in warm_up_s),
+            " (compiling the layers)" if models.compiled else "",
             image_bytes / 1e6,
             args.vision_cache_bytes // image_bytes,
         )
         loaded = LoadedModel(model_id, models, runner, batcher)
         self._held[model_id] = loaded
         return loaded
-
-    @staticmethod
-    def _warm_up(runner: Sam3Runner, models: Sam3Models) -> int:
-        """One forward pass of each head at load, so the first request does not pay for it. Returns the bytes
-        one image's vision features take (what sizing the cache needs), measured on that pass."""
-        size = models.geometry.image_size
-        blank = np.zeros((size, size, 3), dtype=np.uint8)
-        common = {"tokenizer": models.tokenizer, "geometry": models.geometry}
-        runner.run([prepare_item(blank, text="warm up", **common), prepare_item(blank, points=[[1, 1]], labels=[1], **common)])
-        return runner.image_feature_bytes
 
     def _configure(self, batcher: ContinuousBatcher) -> None:
         config = self._batch_config

@@ -74,17 +74,19 @@ class PipelineSegmenter:
         import torch
 
         from deployments.core.checkpoint import load_sam3, resolve_device
-        from deployments.core.pipeline import Sam3Pipeline
+        from deployments.core.pipeline import Sam3Pipeline, warm_up
 
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
         self.pipeline = Sam3Pipeline(
-            load_sam3(args.checkpoint, resolve_device(args.device), args.dtype),
+            load_sam3(args.checkpoint, resolve_device(args.device), args.dtype, args.compile),
             score_threshold=args.score_threshold,
             mask_chunk_pixels=args.mask_chunk_pixels,
             max_image_pixels=args.max_image_pixels,
             max_prompt_items=args.max_prompt_items,
         )
+        if self.pipeline.models.compiled:  # every graph compiled before the first rows, as in a model replica
+            warm_up(self.pipeline.runner)
         self.max_instances = max_instances
         self.tally = tally
         report_start(tally)

@@ -25,6 +25,7 @@ from transformers.utils import CONFIG_NAME
 
 from client.errors import Sam3Error
 from deployments.core.checkpoint_marker import is_tiny_checkpoint
+from deployments.core.compilation import compile_layers
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Sam3Models:
     geometry: ModelGeometry
     device: torch.device
     dtype: torch.dtype
+    compiled: bool = False  # the repeated layers compile on their first passes (`compilation.compile_layers`)
 
 
 def geometry_of(config: PretrainedConfig) -> ModelGeometry:
@@ -94,8 +96,19 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> Sam3Models:
-    """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode."""
+def resolve_compile(compile: bool | str, device: str) -> bool:
+    """`auto`: compile on a GPU, where fused kernels pay for the start they add; not on a CPU, where Inductor
+    needs a C++ compiler and the start costs more than it saves."""
+    if compile == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(compile)
+
+
+def load_sam3(
+    checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool | str = False
+) -> Sam3Models:
+    """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode; with
+    `compile` (or `auto` on a GPU), mark the repeated layers for `torch.compile`."""
     dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
@@ -108,6 +121,9 @@ def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> S
     target = torch.device(device)
     detector.to(target).eval()
     tracker.to(target).eval()
+    compiled = resolve_compile(compile, device)
+    if compiled:
+        compile_layers(detector)
     return Sam3Models(
         detector=detector,
         tracker=tracker,
@@ -115,6 +131,7 @@ def load_sam3(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> S
         geometry=geometry_of(detector.config),
         device=target,
         dtype=torch_dtype,
+        compiled=compiled,
     )
 
 

@@ -6,6 +6,9 @@ split the same pure steps across a CPU preprocessor, the GPU model pool and a CP
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from client.protocol import SegmentRequest, SegmentResponse
@@ -70,6 +73,37 @@ def prepare_item(
         max_instances=max_instances,
         return_detections=return_detections,
     )
+
+
+def warm_up(runner: Sam3Runner) -> list[float]:
+    """Forward passes of every head, before the first request pays for them. Returns each pass's seconds.
+
+    With compiled layers (`compilation.compile_layers`) these passes are the compilation, and their order
+    makes it complete: a layer's first graph is specialised to the shapes it saw, and each later pass that
+    changes a dimension compiles a graph where that dimension is symbolic. The passes change the batch (one
+    prompt row, then several) and the prompt's length (box exemplars add tokens), in both orders, so no
+    request's shapes compile another graph.
+    """
+    models = runner.models
+    size = models.geometry.image_size
+    blank = np.zeros((size, size, 3), dtype=np.uint8)
+    one_box, two_boxes = [[0, 0, size // 2, size // 2]], [[0, 0, size // 2, size // 2], [size // 4, 0, size, size]]
+
+    def item(**prompt) -> PreparedItem:
+        return prepare_item(blank, tokenizer=models.tokenizer, geometry=models.geometry, **prompt)
+
+    batches = [
+        [item(text="warm up")],
+        [item(text="warm up"), item(text="warm up"), item(points=[[1, 1]], labels=[1])],
+        [item(boxes=one_box, labels=[1])],
+        [item(boxes=one_box, labels=[1]), item(boxes=two_boxes, labels=[1, 0])],
+    ]
+    seconds = []
+    for batch in batches:
+        started = time.perf_counter()
+        runner.run(batch)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def prepare_request(

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.core.checkpoint import CheckpointUnavailableError, load_geometry, load_sam3
+from deployments.core.checkpoint import CheckpointUnavailableError, load_geometry, load_sam3, resolve_compile
+from deployments.core.compilation import REGIONS, compile_layers
 from deployments.core.pipeline import Sam3Pipeline
 from tests.conftest import random_image
 
@@ -75,3 +76,24 @@ def test_bfloat16_runs_on_cpu(tiny112_dir):
         result = pipeline.segment(random_image(60, 90), **prompt)
         assert result.union_mask.shape == (60, 90) and result.union_mask.dtype == np.uint8
         assert result.masks.shape[1:] == (60, 90)
+
+
+@pytest.mark.parametrize(
+    "setting, device, compiled", [("auto", "cuda", True), ("auto", "cpu", False), (True, "cpu", True), (False, "cuda", False)]
+)
+def test_compile_auto_means_on_a_gpu(setting, device, compiled):
+    assert resolve_compile(setting, device) is compiled
+
+
+def test_compile_marks_only_the_repeated_layers(tiny112_dir):
+    models = load_sam3(str(tiny112_dir), compile=True)
+    assert models.compiled
+    marked = {name for name, module in models.detector.named_modules() if module._compiled_call_impl is not None}
+    expected = {f"{stack}.{index}" for stack in REGIONS.values() for index in range(len(models.detector.get_submodule(stack)))}
+    assert marked == expected
+    assert not load_sam3(str(tiny112_dir)).compiled
+
+
+def test_unknown_compile_regions_are_refused(tiny112_dir):
+    with pytest.raises(ValueError, match="unknown compile regions"):
+        compile_layers(load_sam3(str(tiny112_dir)).detector, ("vision", "mask_decoder"))

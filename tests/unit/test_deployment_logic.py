@@ -33,6 +33,16 @@ def test_the_default_model_must_be_served():
         AppArgs(models={"sam3": "facebook/sam3"}, default_model="other")
 
 
+@pytest.mark.parametrize("setting", ["auto", True, False])
+def test_compile_is_auto_true_or_false(setting):
+    assert AppArgs(compile=setting).compile == setting
+
+
+def test_compile_refuses_other_words():
+    with pytest.raises(ValidationError, match="compile"):
+        AppArgs(compile="sometimes")
+
+
 def test_a_profile_checkpoint_replaces_the_default_models_only():
     args = {"models": {"sam3": "facebook/sam3", "tuned": "/models/tuned"}, "default_model": "sam3"}
     set_default_checkpoint(args, "/tmp/tiny")
