@@ -5,7 +5,8 @@ the image's id by rendezvous hashing (`home_replica`). The first request on an i
 its vision features there, and so does every follow-up, from any ingress replica and without shared state.
 Distinct images spread over the replicas as evenly as a hash does, and when replicas come or go only the
 images homed on them move. A home with `overloaded_at` requests or more in flight is passed over for Serve's
-default power-of-two choice, as is a request with no image id.
+power-of-two choice (as Serve's default router makes it, through the public routing mixins), as is a request
+with no image id.
 
 Configured on the model pool in `serve_config.yaml`:
 
@@ -17,9 +18,9 @@ Configured on the model pool in `serve_config.yaml`:
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Sequence
 
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 IMAGE_KEY_ARGUMENT = "image_key"  # the keyword argument of `Sam3ModelPool.run` that names the image
@@ -47,7 +48,20 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         home = self._home(candidate_replicas, pending_request)
         if home is not None and not self._overloaded(home):
             return [[home]]
-        return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+        return self._two_choices(candidate_replicas, pending_request)
+
+    def _two_choices(
+        self, candidates: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        """Two replicas at random among those the mixins prefer: replicas that hold the request's model (with
+        Serve's own fallback when none has for a while), else those nearest this router. Serve sends the
+        request to the one with the shorter queue."""
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            preferred = self.apply_multiplex_routing(pending_request=pending_request)
+        else:
+            preferred = self.apply_locality_routing(pending_request=pending_request)
+        choices = [replica for replica in candidates if replica.replica_id in preferred]
+        return [random.sample(choices, k=min(2, len(choices)))] if choices else []
 
     def _home(self, candidates: list[RunningReplica], pending_request: PendingRequest | None) -> RunningReplica | None:
         image_key = pending_request.kwargs.get(IMAGE_KEY_ARGUMENT) if pending_request is not None else None

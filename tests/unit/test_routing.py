@@ -1,10 +1,16 @@
-"""Where the image-affinity router sends an image: its home replica by rendezvous hashing."""
+"""Where the image-affinity router sends a request: its image's home replica by rendezvous hashing, or Serve's
+power-of-two choice among the replicas that hold its model when the home is overloaded or there is no image."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from dataclasses import dataclass
+from types import SimpleNamespace
 
-from deployments.routing import home_replica
+from ray.serve.request_router import PendingRequest, ReplicaID
+
+from deployments.routing import ImageAffinityRouter, home_replica
 
 REPLICAS = [f"replica-{index}" for index in range(4)]
 IMAGES = [f"{index:032x}-480x640" for index in range(2000)]
@@ -31,3 +37,60 @@ def test_when_a_replica_goes_only_its_images_move():
 
 def test_no_replica_no_home():
     assert home_replica(IMAGES[0], []) is None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str = "Sam3ModelPool"
+    app_name: str = "sam3"
+
+
+class Replica:
+    """What the router and Serve's mixins read of a running replica."""
+
+    def __init__(self, unique_id: str, model_ids: tuple[str, ...] = ("sam3",)):
+        self.replica_id = ReplicaID(unique_id=unique_id, deployment_id=Deployment())
+        self.node_id = "node-1"
+        self.availability_zone = None
+        self.multiplexed_model_ids = set(model_ids)
+        self.max_ongoing_requests = 32
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return 0
+
+
+def route(
+    replicas: list[Replica], image_keys: list[str | None], busy: dict[str, int] | None = None
+) -> list[list[list[str]]]:
+    """The router's choice for a request of model "sam3" on each image key (None: a request without one), as
+    replica ids, in a router that knows `replicas` and, for each id in `busy`, that many requests in flight."""
+
+    async def choose() -> list[list[list[str]]]:
+        # The handle's source only tags metrics here ("REPLICA": the ingress's handle).
+        source = SimpleNamespace(value="REPLICA")
+        router = ImageAffinityRouter(deployment_id=Deployment(), handle_source=source, self_node_id="node-1")
+        router.initialize_state(overloaded_at=4)
+        router.update_replicas(replicas)
+        for replica in replicas:
+            router.replica_queue_len_cache.update(replica.replica_id, (busy or {}).get(replica.replica_id.unique_id, 0))
+        metadata = SimpleNamespace(multiplexed_model_id="sam3")
+        requests = [PendingRequest([], {} if key is None else {"image_key": key}, metadata) for key in image_keys]
+        chosen = [await router.choose_replicas(replicas, pending) for pending in requests]
+        return [[[replica.replica_id.unique_id for replica in rank] for rank in ranks] for ranks in chosen]
+
+    return asyncio.run(choose())
+
+
+def test_the_router_sends_an_image_to_its_home_among_the_replicas_that_hold_its_model():
+    replicas = [Replica("a"), Replica("b"), Replica("c", model_ids=("tuned",))]
+    for image in IMAGES[:20]:
+        assert route(replicas, [image]) == [[[home_replica(image, ["a", "b"])]]]
+
+
+def test_an_overloaded_home_or_a_request_without_an_image_gets_two_choices_among_the_holders():
+    replicas = [Replica("a"), Replica("b"), Replica("c"), Replica("d", model_ids=("tuned",))]
+    image = IMAGES[0]
+    home = home_replica(image, ["a", "b", "c"])
+    for choices in route(replicas, [image, None] * 10, busy={home: 4}):
+        assert len(choices) == 1 and len(choices[0]) == 2 and len(set(choices[0])) == 2
+        assert set(choices[0]) <= {"a", "b", "c"}
