@@ -1,4 +1,4 @@
-# Sourced by the project's commands (tests/run.sh, deployments/demo.sh), so that they set up the same
+# Sourced by the project's commands (tests/run.sh, tools/demo.sh), so that they set up the same
 # virtual environment the same way: pinned versions from .ci/constraints.txt, the project installed
 # editable. Run from the repository root.
 

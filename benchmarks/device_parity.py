@@ -17,9 +17,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
-from deployments.core.postprocess import finish_segmentation, unpack_segmentation
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
+from sam3_serve_core.postprocess import finish_segmentation, unpack_segmentation
 from tests.conftest import random_image
 
 PROMPTS = (

@@ -35,7 +35,7 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv,noheader
-[ -f "$checkpoint/model.safetensors" ] || step checkpoint python -m deployments.core.tiny_checkpoint "$checkpoint" --preset full
+[ -f "$checkpoint/model.safetensors" ] || step checkpoint python -m tools.tiny_checkpoint "$checkpoint" --preset full
 core=(python -m benchmarks.core_throughput --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --prompts text --requests 32)
 SHOW_LINES=30 step core-many "${core[@]}" --profile
 SHOW_LINES=8 step core-few "${core[@]}" --max-instances 8

@@ -36,8 +36,8 @@ from benchmarks.interactive_model import FIRST, FOLLOW_UPS
 from benchmarks.machine import cpu_name, git_commit
 from client.images import encode_image
 from client.protocol import SEGMENT_PATH, SegmentRequest, SegmentResponse
-from deployments.launch import APP_NAME, free_port, serve_run
-from deployments.profiles import MODEL_POOL
+from tools.launch import APP_NAME, free_port, serve_run
+from tools.profiles import MODEL_POOL
 from tests.conftest import random_image
 from tests.serve.app_runner import replica_stats
 

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import prepare_item
-from deployments.core.runner import Sam3Runner
-from deployments.core.tiny_checkpoint import PRESETS, build_tiny_checkpoint
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import prepare_item
+from sam3_serve_core.runner import Sam3Runner
+from tools.tiny_checkpoint import PRESETS, build_tiny_checkpoint
 from tests.conftest import random_image
 
 FOLLOW_UPS = [

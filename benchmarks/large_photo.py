@@ -32,7 +32,7 @@ def concept_output(instances: int, mask_size: int):
     """Random kept instances with blob-shaped masks covering a few percent of the image each."""
     import torch
 
-    from deployments.core.postprocess import ConceptOutput
+    from sam3_serve_core.postprocess import ConceptOutput
 
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(np.arange(mask_size), np.arange(mask_size), indexing="ij"), axis=-1)
@@ -51,7 +51,7 @@ def concept_output(instances: int, mask_size: int):
 def run_case(args: argparse.Namespace, with_instances: bool, results: multiprocessing.Queue) -> None:
     import torch
 
-    from deployments.core.postprocess import encode_segmentation, finish_segmentation
+    from sam3_serve_core.postprocess import encode_segmentation, finish_segmentation
 
     torch.set_num_threads(args.threads)
     output = concept_output(args.instances, args.mask_size)

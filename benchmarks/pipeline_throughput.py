@@ -51,7 +51,7 @@ from ray import serve
 from benchmarks.machine import cpu_name, git_commit
 from client import Sam3HandleClient
 from client.errors import Sam3Error
-from deployments.launch import APP_NAME, cpu_config, free_port, serve_run
+from tools.launch import APP_NAME, cpu_config, free_port, serve_run
 from pipelines.config import JobConfig
 from pipelines.output import summarize
 from pipelines.segment import run_job

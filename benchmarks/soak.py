@@ -51,9 +51,9 @@ from ray import serve
 
 from benchmarks.machine import cpu_name, git_commit
 from client.protocol import SEGMENT_PATH
-from deployments.core.tiny_checkpoint import build_tiny_checkpoint
-from deployments.launch import APP_NAME, REPO, cpu_config, free_port, serve_run
-from deployments.profiles import MODEL_POOL
+from tools.tiny_checkpoint import build_tiny_checkpoint
+from tools.launch import APP_NAME, REPO, cpu_config, free_port, serve_run
+from tools.profiles import MODEL_POOL
 from tests.serve.app_runner import deployment, replica_stats
 
 FLAT_GROWTH_MB = 100.0

@@ -124,3 +124,9 @@ class BatchConfig(BaseModel):
     max_concurrent_batches: int = Field(
         1, ge=1, description="Batches in flight at once: 2 on a GPU overlaps one batch's host work with another's."
     )
+
+
+def set_default_checkpoint(args: dict, checkpoint: str) -> None:
+    """Point the default model id of an application's `args` at `checkpoint` (a directory or hub name)."""
+    default_model = args.get("default_model", AppArgs.model_fields["default_model"].default)
+    args["models"] = {**args.get("models", {}), default_model: checkpoint}

@@ -13,8 +13,8 @@ import weakref
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from client.protocol import SegmentResponse
-from deployments.core.runner import PreparedItem
-from deployments.core.vision_cache import CacheStats, VisionFeatureCache
+from sam3_serve_core.messages import PreparedItem
+from sam3_serve_core.vision_cache import CacheStats, VisionFeatureCache
 
 # Time per stage, from the timings each stage adds to the response (`SegmentResponse.timings_ms`).
 STAGES = ("preprocess", "queue", "model", "postprocess", "total")

@@ -22,22 +22,13 @@ from ray import serve
 from client.errors import RequestTimeoutError, Sam3Error
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
-from deployments.core.checkpoint import Sam3Models, load_sam3, resolve_device
-from deployments.core.pipeline import warm_up
-from deployments.core.postprocess import PackedSegmentation
-from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
+from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_device
+from sam3_serve_core.pipeline import warm_up
+from sam3_serve_core.messages import ModelResult, PreparedItem
+from sam3_serve_core.runner import Sam3Runner, run_isolating_failures
 from deployments.metrics import ModelPoolMetrics
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclasses.dataclass
-class ModelResult:
-    """One request's answer with its masks bit-packed, and what the postprocessor needs to encode it."""
-
-    segmentation: PackedSegmentation
-    timings_ms: dict[str, float]
-    image_key: str | None  # the image's id, which the answer gives the caller for follow-up prompts
 
 
 @dataclasses.dataclass

@@ -10,8 +10,8 @@ from ray import serve
 from client.errors import Sam3Error
 from client.protocol import PromptType, SegmentResponse
 from deployments.config import AppArgs
-from deployments.core.postprocess import encode_segmentation, to_response
-from deployments.model_pool import ModelResult
+from sam3_serve_core.postprocess import encode_segmentation, to_response
+from sam3_serve_core.messages import ModelResult
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})

@@ -10,9 +10,9 @@ from ray import serve
 from client.errors import Sam3Error
 from client.protocol import SegmentRequest
 from deployments.config import AppArgs
-from deployments.core.checkpoint import ModelGeometry, load_geometry, load_tokenizer
-from deployments.core.pipeline import prepare_request
-from deployments.core.runner import PreparedItem
+from sam3_serve_core.checkpoint import ModelGeometry, load_geometry, load_tokenizer
+from sam3_serve_core.pipeline import prepare_request
+from sam3_serve_core.messages import PreparedItem
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from client.protocol import InfoResponse
 from deployments.config import AppArgs
-from deployments.core.checkpoint_marker import is_tiny_checkpoint
+from sam3_serve_core.checkpoint_marker import is_tiny_checkpoint
 
 PLAYGROUND_PATHS = ("/", "/playground")
 DOCS_PATH = "/docs"

@@ -73,8 +73,8 @@ class PipelineSegmenter:
         """The application's own `args` (checkpoint, thresholds, limits), so both engines answer alike."""
         import torch
 
-        from deployments.core.checkpoint import load_sam3, resolve_device
-        from deployments.core.pipeline import Sam3Pipeline, warm_up
+        from sam3_serve_core.checkpoint import load_sam3, resolve_device
+        from sam3_serve_core.pipeline import Sam3Pipeline, warm_up
 
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)

@@ -36,8 +36,7 @@ from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FilenameProvider
 
-from deployments.config import AppArgs
-from deployments.profiles import set_default_checkpoint
+from deployments.config import AppArgs, set_default_checkpoint
 from pipelines.coco import categories_path, write_coco_results
 from pipelines.config import JobConfig, is_table
 from pipelines.engines import PipelineSegmenter, ServiceSegmenter

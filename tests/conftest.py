@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.core import tiny_checkpoint
+from tools import tiny_checkpoint
 
 # The two model resolutions every parity test runs at (the real model's is 1008).
 TINY_SIZES = (56, 112)
@@ -84,6 +84,6 @@ def ray_address():
 @pytest.fixture(scope="session")
 def serve_port() -> int:
     """Serve's HTTP proxy keeps the port it started with for the whole Ray session: one for every test layer."""
-    from deployments.launch import free_port
+    from tools.launch import free_port
 
     return free_port()

@@ -22,7 +22,7 @@ from typing import Callable
 
 import yaml
 
-from deployments.launch import APP_NAME, REPO, free_port
+from tools.launch import APP_NAME, REPO, free_port
 
 BIN = Path(sys.executable).parent
 NO_AGENT_YET = "No available agent to submit job"

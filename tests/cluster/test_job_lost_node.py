@@ -36,9 +36,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
-from deployments.launch import cpu_config
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
+from tools.launch import cpu_config
 from pipelines.rows import canonical_prompt, parse_prompt
 from tests.answers import answer_of, assert_close_answer, expect
 from tests.cluster.test_two_nodes import MODEL_RESOURCE, add_model_node, two_node_config

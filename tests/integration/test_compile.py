@@ -23,9 +23,9 @@ import pytest
 import torch._dynamo.utils
 
 from benchmarks.bf16_parity import KINDS, measure_compiled
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import prepare_item, warm_up
-from deployments.core.runner import Sam3Runner
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import prepare_item, warm_up
+from sam3_serve_core.runner import Sam3Runner
 from tests.conftest import random_image, tiny_checkpoint_dir
 
 MEAN_IOU = 0.999

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3TrackerProcessor
 
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
-from deployments.core.postprocess import finish_segmentation, unpack_segmentation
-from deployments.core.runner import Sam3Runner
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
+from sam3_serve_core.postprocess import finish_segmentation, unpack_segmentation
+from sam3_serve_core.runner import Sam3Runner
 from tests.answers import SCORE_TOLERANCE as BATCH_SCORE_TOLERANCE
 from tests.answers import Answer, Expected, assert_close_answer, expect
 from tests.conftest import random_image

@@ -27,9 +27,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
-from deployments.launch import cpu_config
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
+from tools.launch import cpu_config
 from pipelines.rows import canonical_prompt, parse_prompt
 from tests.answers import assert_close_answer, expect
 from tests.conftest import random_image

@@ -1,10 +1,10 @@
-"""Test helpers around the real multi-process application; starting it lives in `deployments.launch`."""
+"""Test helpers around the real multi-process application; starting it lives in `tools.launch`."""
 
 from __future__ import annotations
 
 from ray import serve
 
-from deployments.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, serve_start, wait_until_running
+from tools.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, serve_start, wait_until_running
 
 __all__ = [
     "APP_NAME",

@@ -30,8 +30,8 @@ from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResp
 from client.errors import InvalidPromptError, PromptTooLongError
 from deployments.app import build_app
 from deployments.config import AppArgs
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import assert_close_answer, assert_same_answer, expect
 from tests.conftest import random_image
 from tests.integration.test_parity import assert_same_segmentation, pipeline_for, reference_for

@@ -13,8 +13,8 @@ import pytest
 from ray import serve
 
 from client import Sam3HttpClient
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import close_answer, expect
 from tests.conftest import random_image
 from tests.serve.load import LoadGenerator

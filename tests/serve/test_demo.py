@@ -9,8 +9,8 @@ import sys
 from PIL import Image
 from skimage import data
 
-from deployments.core.checkpoint import is_tiny_checkpoint
-from deployments.launch import REPO, free_port
+from sam3_serve_core.checkpoint import is_tiny_checkpoint
+from tools.launch import REPO, free_port
 
 OVERLAYS = ("overlay_text.png", "overlay_box.png", "overlay_point.png")
 
@@ -18,7 +18,7 @@ OVERLAYS = ("overlay_text.png", "overlay_box.png", "overlay_point.png")
 def test_demo_serves_and_segments_the_sample(tmp_path, tiny112_dir):
     # --checkpoint reuses the session's tiny checkpoint and exercises the real-weights setting.
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "deployments.demo", "--out", str(tmp_path), "--port", str(free_port())]
+    command = [sys.executable, "-m", "tools.demo", "--out", str(tmp_path), "--port", str(free_port())]
     result = subprocess.run(
         [*command, "--checkpoint", str(tiny112_dir)],
         cwd=REPO,

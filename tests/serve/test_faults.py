@@ -23,10 +23,10 @@ from ray import serve
 
 from client import Sam3HttpClient
 from client.errors import Sam3Error
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
-from deployments.core.tiny_checkpoint import build_tiny_checkpoint
-from deployments.profiles import set_default_checkpoint
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
+from tools.tiny_checkpoint import build_tiny_checkpoint
+from deployments.config import set_default_checkpoint
 from tests.answers import Expected, close_answer, expect
 from tests.conftest import random_image
 from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run

@@ -24,8 +24,8 @@ from ray import serve
 from client import ModelNotFoundError, Sam3HandleClient, Sam3HttpClient, SegmentRequest
 from client.errors import InvalidPromptError, Sam3Error
 from client.images import encode_image
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import Expected, assert_close_answer, close_answer, expect
 from tests.conftest import random_image, tiny_checkpoint_dir
 from tests.serve.app_runner import APP_NAME, cpu_config, serve_run

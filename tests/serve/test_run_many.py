@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from client.errors import InvalidImageError
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import Expected, assert_close_answer, expect
 from tests.conftest import random_image
 

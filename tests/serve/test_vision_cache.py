@@ -16,8 +16,8 @@ from client import SegmentRequest
 from client.errors import ImageNotCachedError
 from client.images import encode_image
 from client.protocol import SEGMENT_PATH, SegmentResponse
-from deployments.core.checkpoint import load_sam3
-from deployments.core.pipeline import Sam3Pipeline
+from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import assert_close_answer, assert_same_answer, expect
 from tests.conftest import random_image
 from tests.serve.app_runner import APP_NAME, cpu_config, deployment, serve_run

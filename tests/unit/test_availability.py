@@ -177,9 +177,9 @@ def test_an_intermediate_result_lost_with_its_node_is_a_503(lost):
 # The end of the message Serve 2.60 gave a deployment whose constructor raised (after `Traceback ...`).
 FAILED_START = """The deployment failed to start 1 times in a row. Error:
 ray::ServeReplica:sam3:Sam3ModelPool.initialize_and_get_metadata() (pid=1, ip=127.0.0.1)
-  File "/work/main/deployments/core/checkpoint.py", line 123, in _from_pretrained
+  File "/work/main/sam3_serve_core/checkpoint.py", line 123, in _from_pretrained
     raise CheckpointUnavailableError(f"checkpoint directory {checkpoint!r} does not exist")
-deployments.core.checkpoint.CheckpointUnavailableError: could not load 'facebook/sam3' (We couldn't connect.
+sam3_serve_core.checkpoint.CheckpointUnavailableError: could not load 'facebook/sam3' (We couldn't connect.
 Check your internet connection.) Set `checkpoint` to the local directory instead of the hub name."""
 CAUSE = (
     "CheckpointUnavailableError: could not load 'facebook/sam3' (We couldn't connect.\n"

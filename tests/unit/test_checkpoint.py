@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.core.checkpoint import CheckpointUnavailableError, load_geometry, load_sam3, resolve_compile
-from deployments.core.compilation import REGIONS, compile_layers
-from deployments.core.pipeline import Sam3Pipeline
+from sam3_serve_core.checkpoint import CheckpointUnavailableError, load_geometry, load_sam3, resolve_compile
+from sam3_serve_core.compilation import REGIONS, compile_layers
+from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.conftest import random_image
 
 

@@ -28,7 +28,7 @@ from client.errors import (
 from client.http_client import Sam3HttpClient
 from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, SegmentRequest, SegmentResponse
 from client.rle import encode_mask
-from deployments.core.images import decode_image
+from sam3_serve_core.images import decode_image
 from tests.unit.test_client_retry import FakeClock
 
 BASE_URL = "http://sam3.test"

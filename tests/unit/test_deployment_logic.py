@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from client.errors import ModelNotFoundError, RequestTimeoutError, ServiceUnavailableError
 from deployments.config import AppArgs
-from deployments.core.runner import PreparedItem
 from deployments.metrics import stage_latencies
-from deployments.model_pool import ModelResult, Sam3ModelPool
-from deployments.profiles import set_default_checkpoint
+from deployments.model_pool import Sam3ModelPool
+from sam3_serve_core.messages import ModelResult, PreparedItem
+from deployments.config import set_default_checkpoint
 
 
 def test_model_ids_resolve_to_served_models_or_a_typed_404():

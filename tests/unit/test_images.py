@@ -1,4 +1,4 @@
-"""Unit tests for deployments.core.images.decode_image (numpy + Pillow only; no Ray, no model)."""
+"""Unit tests for sam3_serve_core.images.decode_image (numpy + Pillow only; no Ray, no model)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from client.errors import ImageTooLargeError, InvalidImageError
-from deployments.core.images import decode_image
+from sam3_serve_core.images import decode_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

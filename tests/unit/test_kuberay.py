@@ -1,6 +1,6 @@
 """The KubeRay manifest and the image definition, checked without a cluster or a container daemon.
 
-The committed deploy/kuberay/rayservice.yaml must be exactly what `python -m deployments.kuberay` makes from
+The committed deploy/kuberay/rayservice.yaml must be exactly what `python -m tools.kuberay` makes from
 serve_config.yaml, so a change to the config that is not regenerated fails here. Its pod templates are
 validated against Kubernetes' own schemas (kubernetes-validate, offline, strict: unknown fields fail); the
 RayService's own fields, for which no offline schema exists, are checked one by one. deploy/Dockerfile is
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from client.protocol import READY_PATH
-from deployments.kuberay import (
+from tools.kuberay import (
     API_KEY_FILE,
     API_KEYS_PATH,
     CONSTRAINTS,
@@ -34,7 +34,7 @@ from deployments.kuberay import (
     ray_base_image,
     replica_bounds,
 )
-from deployments.profiles import MODEL_POOL
+from tools.profiles import MODEL_POOL
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "serve_config.yaml"
@@ -67,7 +67,7 @@ def containers(service: dict) -> list[dict]:
 def test_the_committed_manifest_is_what_the_command_makes_from_serve_config(tmp_path):
     output = tmp_path / "rayservice.yaml"
     main([str(SERVE_CONFIG), "-o", str(output)])
-    regenerate = "python -m deployments.kuberay serve_config.yaml -o deploy/kuberay/rayservice.yaml"
+    regenerate = "python -m tools.kuberay serve_config.yaml -o deploy/kuberay/rayservice.yaml"
     assert output.read_text() == MANIFEST.read_text(), f"the committed manifest is stale: {regenerate}"
 
 

@@ -1,4 +1,4 @@
-"""deployments.core.masks must reproduce transformers' SAM 3 post-processing bit for bit."""
+"""sam3_serve_core.masks must reproduce transformers' SAM 3 post-processing bit for bit."""
 
 from types import SimpleNamespace
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 
-from deployments.core.masks import (
+from sam3_serve_core.masks import (
     concept_masks_to_uint8,
     concept_scores,
     keep_above,

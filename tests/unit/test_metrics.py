@@ -7,7 +7,7 @@ import re
 
 from ray.util.metrics import Metric
 
-from deployments.core.vision_cache import VisionFeatureCache
+from sam3_serve_core.vision_cache import VisionFeatureCache
 from deployments.metrics import IngressMetrics, ModelPoolMetrics
 from tests.serve.app_runner import REPO
 

@@ -736,10 +736,10 @@ def test_the_service_engine_sends_max_instances_with_every_row(tmp_path):
 def test_the_actors_engine_sends_max_instances_with_every_row(monkeypatch, tmp_path):
     """The actors engine's model is replaced by a fake pipeline whose `answer` records the requests."""
     fake = FakeAnswer()
-    monkeypatch.setattr("deployments.core.checkpoint.load_sam3", lambda *args: None)
+    monkeypatch.setattr("sam3_serve_core.checkpoint.load_sam3", lambda *args: None)
     uncompiled = SimpleNamespace(compiled=False)
     monkeypatch.setattr(
-        "deployments.core.pipeline.Sam3Pipeline", lambda models, **limits: SimpleNamespace(answer=fake, models=uncompiled)
+        "sam3_serve_core.pipeline.Sam3Pipeline", lambda models, **limits: SimpleNamespace(answer=fake, models=uncompiled)
     )
     segmenter = PipelineSegmenter(AppArgs(device="cpu"), max_instances=3)
     image = write_png(tmp_path / "a.png")

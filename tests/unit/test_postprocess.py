@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client.rle import decode_mask
-from deployments.core.masks import (
+from sam3_serve_core.masks import (
     concept_masks_to_uint8,
     pack_bits_on_device,
     pack_masks,
@@ -16,7 +16,7 @@ from deployments.core.masks import (
     tracker_masks_to_uint8,
     unpack_masks,
 )
-from deployments.core.postprocess import (
+from sam3_serve_core.postprocess import (
     ConceptOutput,
     PointOutput,
     encode_segmentation,

@@ -1,4 +1,4 @@
-"""Unit tests for deployments.core.preprocess: bit-exact parity with transformers' `Sam3ImageProcessor`."""
+"""Unit tests for sam3_serve_core.preprocess: bit-exact parity with transformers' `Sam3ImageProcessor`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import Sam3ImageProcessor
 
-from deployments.core.preprocess import normalize, resize_to_model
+from sam3_serve_core.preprocess import normalize, resize_to_model
 from tests.conftest import TINY_SIZES, random_image
 
 # (height, width) relative to S: larger, smaller, non-square both ways, mixed, tiny, and exactly S x S.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.profiles import MODEL_POOL, cpu_profile, main, with_model_resource
+from tools.profiles import MODEL_POOL, cpu_profile, main, with_model_resource
 
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 

@@ -1,4 +1,4 @@
-"""Unit tests for deployments.core.prompts (no Ray, no model weights).
+"""Unit tests for sam3_serve_core.prompts (no Ray, no model weights).
 
 Every conversion is compared bit-exactly with transformers' own `Sam3Processor` (text, box exemplars)
 and `Sam3TrackerProcessor` (points), loaded from the tiny checkpoint's processor files, which carry the
@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Sam3Processor, Sam3TrackerProcessor
 
 from client.errors import InvalidPromptError, InvalidRequestError, PromptTooLongError
-from deployments.core.prompts import (
+from sam3_serve_core.prompts import (
     BOXES_ONLY_TEXT,
     PAD_VALUE,
     ConceptPrompt,

@@ -28,13 +28,13 @@ from client._api import segment_request
 from client.errors import ImageTooLargeError, InvalidImageError, InvalidPromptError, Sam3Error
 from client.protocol import RleMask, SegmentRequest, SegmentResponse
 from client.rle import decode_mask, encode_mask
-from deployments.core.images import decode_image
-from deployments.core.masks import (
+from sam3_serve_core.images import decode_image
+from sam3_serve_core.masks import (
     concept_masks_to_uint8,
     order_by_score_descending,
     tracker_masks_to_uint8,
 )
-from deployments.core.prompts import ConceptPrompt, PointPrompt, build_prompts
+from sam3_serve_core.prompts import ConceptPrompt, PointPrompt, build_prompts
 from tests.conftest import tiny_checkpoint_dir
 
 MODEL_SIZE = 56

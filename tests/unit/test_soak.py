@@ -6,7 +6,7 @@ import random
 
 from benchmarks.soak import good_prompt
 from client.protocol import SegmentRequest
-from deployments.core.prompts import box_exemplars, scale_points
+from sam3_serve_core.prompts import box_exemplars, scale_points
 
 
 def test_the_soak_s_good_prompts_are_valid_for_every_image_size():

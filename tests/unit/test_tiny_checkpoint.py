@@ -18,8 +18,8 @@ from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3VideoModel
 
-from deployments.core.checkpoint import load_sam3
-from deployments.core.tiny_checkpoint import PRESETS, TINY_MARKER_FILE, build_tiny_checkpoint
+from sam3_serve_core.checkpoint import load_sam3
+from tools.tiny_checkpoint import PRESETS, TINY_MARKER_FILE, build_tiny_checkpoint
 from tests.conftest import random_image
 
 # facebook/sam3 (see /work/shared/notes/sam3-model.md): ~840M parameters, 446M of them the ViT.
@@ -35,7 +35,7 @@ def mid_dir(tmp_path_factory):
 def test_cli_builds_the_same_bytes_twice(tmp_path):
     for name in ("first", "second"):
         subprocess.run(
-            [sys.executable, "-m", "deployments.core.tiny_checkpoint", str(tmp_path / name), "--size", "56"],
+            [sys.executable, "-m", "tools.tiny_checkpoint", str(tmp_path / name), "--size", "56"],
             check=True,
             capture_output=True,
         )

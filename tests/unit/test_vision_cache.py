@@ -8,7 +8,7 @@ import torch
 
 from client.errors import InvalidRequestError
 from client.protocol import SegmentRequest
-from deployments.core.vision_cache import ImageFeatures, VisionFeatureCache, image_key, original_size_of
+from sam3_serve_core.vision_cache import ImageFeatures, VisionFeatureCache, image_key, original_size_of
 
 
 def features(megabytes: int) -> ImageFeatures:

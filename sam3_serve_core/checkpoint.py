@@ -24,8 +24,8 @@ from transformers import (
 from transformers.utils import CONFIG_NAME
 
 from client.errors import Sam3Error
-from deployments.core.checkpoint_marker import is_tiny_checkpoint
-from deployments.core.compilation import compile_layers
+from sam3_serve_core.checkpoint_marker import is_tiny_checkpoint
+from sam3_serve_core.compilation import compile_layers
 
 logger = logging.getLogger(__name__)
 

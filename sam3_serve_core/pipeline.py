@@ -12,13 +12,14 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from client.protocol import SegmentRequest, SegmentResponse
-from deployments.core.checkpoint import ModelGeometry, Sam3Models
-from deployments.core.images import ImageSource, decode_image
-from deployments.core.postprocess import Segmentation, encode_segmentation, to_response, unpack_segmentation
-from deployments.core.preprocess import resize_to_model
-from deployments.core.prompts import build_prompts
-from deployments.core.runner import PreparedItem, Sam3Runner, run_isolating_failures
-from deployments.core.vision_cache import image_key, original_size_of
+from sam3_serve_core.checkpoint import ModelGeometry, Sam3Models
+from sam3_serve_core.images import ImageSource, decode_image
+from sam3_serve_core.postprocess import Segmentation, encode_segmentation, to_response, unpack_segmentation
+from sam3_serve_core.preprocess import resize_to_model
+from sam3_serve_core.prompts import build_prompts
+from sam3_serve_core.messages import PreparedItem
+from sam3_serve_core.runner import Sam3Runner, run_isolating_failures
+from sam3_serve_core.vision_cache import image_key, original_size_of
 
 
 def prepare_item(

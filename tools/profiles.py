@@ -1,6 +1,6 @@
 """Profiles derived from `serve_config.yaml`, so the GPU configuration stays the one source of truth.
 
-    python -m deployments.profiles cpu serve_config.yaml -o sam3-cpu.yaml [--checkpoint DIR] [--model-resource NAME]
+    python -m tools.profiles cpu serve_config.yaml -o sam3-cpu.yaml [--checkpoint DIR] [--model-resource NAME]
 
 `cpu` runs the same application on a machine without a GPU: the model pool asks for no GPU and runs on
 CPU, and every replica asks for a fraction of a CPU so the four deployments fit on a laptop. The model
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from deployments.config import AppArgs
+from deployments.config import set_default_checkpoint
 
 CPU_ACTOR_CPUS = {"Sam3Ingress": 0.1, "Sam3Preprocessor": 0.2, "Sam3ModelPool": 0.5, "Sam3Postprocessor": 0.2}
 
@@ -44,12 +44,6 @@ def cpu_profile(config: dict, checkpoint: str | None = None) -> dict:
             if "max_concurrent_batches" in deployment.get("user_config", {}):
                 deployment["user_config"]["max_concurrent_batches"] = 1
     return config
-
-
-def set_default_checkpoint(args: dict, checkpoint: str) -> None:
-    """Point the default model id of an application's `args` at `checkpoint` (a directory or hub name)."""
-    default_model = args.get("default_model", AppArgs.model_fields["default_model"].default)
-    args["models"] = {**args.get("models", {}), default_model: checkpoint}
 
 
 MODEL_POOL = "Sam3ModelPool"

@@ -4,7 +4,7 @@ The real weights are gated and unreachable from CI, so tests and the offline dem
 same loading code. THEIR MASKS ARE MEANINGLESS: the weights are random, only calibrated so that concept
 scores straddle the 0.5 threshold and every code path (kept and dropped instances) runs.
 
-    python -m deployments.core.tiny_checkpoint OUT_DIR [--preset tiny|mid|full] [--size PX]
+    python -m tools.tiny_checkpoint OUT_DIR [--preset tiny|mid|full] [--size PX]
 
 Presets: `tiny` (112 px, every width 32: tests and demos), `mid` (504 px, a 12-layer ViT that dominates
 the cost: CPU benchmarks), `full` (1008 px, `facebook/sam3`'s own configuration, ~860M parameters,
@@ -37,7 +37,7 @@ from transformers import (
     Sam3VideoModel,
 )
 
-from deployments.core.checkpoint_marker import TINY_MARKER_FILE
+from sam3_serve_core.checkpoint_marker import TINY_MARKER_FILE
 
 PATCH_SIZE = 14
 CLIP_VOCAB_SIZE = 49408
@@ -235,7 +235,7 @@ def build_tiny_checkpoint(
     )
     processor.save_pretrained(out_dir)
     (out_dir / TINY_MARKER_FILE).write_text(
-        f"Random-weight SAM 3 checkpoint ({preset} preset) built by deployments.core.tiny_checkpoint.\n"
+        f"Random-weight SAM 3 checkpoint ({preset} preset) built by tools.tiny_checkpoint.\n"
         "Its masks, boxes and scores are MEANINGLESS. It exists to test the real loading and serving code.\n"
         + json.dumps({"preset": preset, "image_size": image_size, "seed": seed}) + "\n"
     )

@@ -1,6 +1,6 @@
 """A KubeRay `RayService` generated from serve_config.yaml, so that the manifest and the config never drift apart.
 
-    python -m deployments.kuberay serve_config.yaml -o deploy/kuberay/rayservice.yaml [--image IMAGE] [--checkpoint DIR]
+    python -m tools.kuberay serve_config.yaml -o deploy/kuberay/rayservice.yaml [--image IMAGE] [--checkpoint DIR]
 
 `spec.serveConfigV2` is serve_config.yaml's configuration (the GPU profile) as a YAML string: what `serve
 deploy` takes. The Ray cluster around it is sized from what the deployments ask for:
@@ -35,7 +35,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from client.protocol import READY_PATH
-from deployments.profiles import MODEL_POOL, set_default_checkpoint
+from deployments.config import set_default_checkpoint
+from tools.profiles import MODEL_POOL
 
 REPO = Path(__file__).resolve().parents[1]
 CONSTRAINTS = REPO / ".ci" / "constraints.txt"
@@ -55,7 +56,7 @@ WORKER_READINESS_PROBE = {
 # The Python of the official Ray image we build on: the one the pinned versions are tested with in CI.
 IMAGE_PYTHON = "3.11"
 HEADER = """\
-# Generated from serve_config.yaml by `python -m deployments.kuberay`; do not edit by hand (see README.md,
+# Generated from serve_config.yaml by `python -m tools.kuberay`; do not edit by hand (see README.md,
 # "Deploying on Kubernetes (KubeRay)"). tests/unit/test_kuberay.py checks that the two agree.
 """
 

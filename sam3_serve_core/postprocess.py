@@ -9,7 +9,7 @@ Two halves, on either side of the model replica's boundary:
   640x480 instance), where float32 logits at the model's mask size would be 330 kB.
 - `encode_segmentation` (the postprocessor) turns the packed masks into COCO RLE a chunk at a time;
   `unpack_segmentation` gives callers in one process uint8 arrays.
-The per-pixel functions are `deployments.core.masks`', the same on CPU and GPU: on CPU the answer is bit
+The per-pixel functions are `sam3_serve_core.masks`', the same on CPU and GPU: on CPU the answer is bit
 for bit transformers' post-processing.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from client.protocol import PromptType, RleMask, SegmentResponse
 from client.rle import encode_stacked
-from deployments.core.masks import (
+from sam3_serve_core.masks import (
     concept_mask_chunks,
     keep_above,
     masks_per_chunk,

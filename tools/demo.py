@@ -1,6 +1,6 @@
 """Offline demo: serve SAM 3 on this machine's CPU and segment a sample photo over HTTP.
 
-    python -m deployments.demo [--out DIR] [--checkpoint DIR_OR_HUB_NAME] [--port N]
+    python -m tools.demo [--out DIR] [--checkpoint DIR_OR_HUB_NAME] [--port N]
 
 It runs what a user runs: the CPU profile of serve_config.yaml started with `serve run`, and the HTTP
 client. With no --checkpoint it builds the tiny random-weight checkpoint, so it needs no network and no
@@ -21,8 +21,8 @@ from ray import serve
 from skimage import data
 
 from client import Sam3HttpClient
-from deployments.core.checkpoint import is_tiny_checkpoint
-from deployments.launch import REPO, SERVE_CONFIG, cpu_config, serve_run
+from sam3_serve_core.checkpoint import is_tiny_checkpoint
+from tools.launch import REPO, SERVE_CONFIG, cpu_config, serve_run
 
 TINY_DIR = REPO / ".cache" / "demo" / "tiny-112"
 DEFAULT_OUT = REPO / ".cache" / "demo" / "out"
@@ -38,7 +38,7 @@ PROMPT_COLOR = (255, 220, 0)
 def tiny_checkpoint() -> str:
     """The tiny checkpoint at model size 112, built once into .cache/demo (the marker is written last)."""
     if not is_tiny_checkpoint(str(TINY_DIR)):
-        from deployments.core.tiny_checkpoint import build_tiny_checkpoint
+        from tools.tiny_checkpoint import build_tiny_checkpoint
 
         build_tiny_checkpoint(TINY_DIR, image_size=112)
     return str(TINY_DIR)
@@ -108,7 +108,7 @@ def run(out: Path, checkpoint: str | None, port: int) -> None:
         print(
             "NOTE: this is the tiny checkpoint with RANDOM weights: its masks, boxes and scores are meaningless.\n"
             "      It shows that the service runs end to end, not what SAM 3 sees. For real weights, run\n"
-            "      `bash deployments/demo.sh --checkpoint /path/to/sam3` (or set `args.models` in "
+            "      `bash tools/demo.sh --checkpoint /path/to/sam3` (or set `args.models` in "
             f"{SERVE_CONFIG.name})."
         )
     config_path = out / "serve_config.cpu.yaml"

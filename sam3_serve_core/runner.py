@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,31 +23,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from client.errors import ImageNotCachedError, ServiceUnavailableError
-from deployments.core.checkpoint import Sam3Models
-from deployments.core.masks import concept_scores
-from deployments.core.postprocess import ConceptOutput, PackedSegmentation, PointOutput, RawOutput, finish_segmentation
-from deployments.core.preprocess import normalize
-from deployments.core.prompts import ConceptPrompt, PointPrompt, Prompt, pad_box_exemplars
-from deployments.core.vision_cache import ImageFeatures, VisionFeatureCache
+from sam3_serve_core.checkpoint import Sam3Models
+from sam3_serve_core.masks import concept_scores
+from sam3_serve_core.messages import PreparedItem
+from sam3_serve_core.postprocess import ConceptOutput, PackedSegmentation, PointOutput, RawOutput, finish_segmentation
+from sam3_serve_core.preprocess import normalize
+from sam3_serve_core.prompts import ConceptPrompt, PointPrompt, Prompt, pad_box_exemplars
+from sam3_serve_core.vision_cache import ImageFeatures, VisionFeatureCache
 
 logger = logging.getLogger("ray.serve")
 
 IMAGE_NOT_CACHED = "no replica holds this image's features any more: send the image again"
-
-
-@dataclass
-class PreparedItem:
-    """One image, resized to the model, with the prompts to answer on it."""
-
-    pixels: np.ndarray | None  # uint8 [3, S, S]; None when the request named a cached image by its id
-    original_size: tuple[int, int]  # (H, W) after EXIF orientation
-    prompts: list[Prompt]
-    image_key: str | None = None  # the image's id (`vision_cache.image_key`): where its features are cached
-    deadline: float | None = None  # time.time() after which nobody waits for the answer
-    score_threshold: float | None = None  # None: the runner's default
-    max_instances: int | None = None  # the most concept instances to answer with, best first; None: all kept
-    return_detections: bool = True  # False: the answer needs only the union mask
-    timings_ms: dict[str, float] = field(default_factory=dict)  # time per stage so far, for the response
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import yaml
 from ray import serve
 
 from client.protocol import READY_PATH
-from deployments.profiles import cpu_profile
+from tools.profiles import cpu_profile
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "serve_config.yaml"
