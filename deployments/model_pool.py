@@ -24,6 +24,7 @@ from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_device
 from sam3_serve_core.pipeline import warm_up
+from sam3_serve_core.failures import in_place, passing
 from sam3_serve_core.messages import ModelResult, PreparedItem
 from sam3_serve_core.runner import Sam3Runner, run_isolating_failures
 from deployments.metrics import ModelPoolMetrics
@@ -170,19 +171,18 @@ class Sam3ModelPool:
     ) -> list[ModelResult | Exception]:
         """Items whose caller stopped waiting while they queued are answered with a timeout, not run."""
         started, now = time.perf_counter(), time.time()
-        expired = [item.deadline is not None and item.deadline <= now for item, _ in queued]
-        live = [item for (item, _), gone in zip(queued, expired) if not gone]
-        results = iter(await self._run_live(model_id, runner, live) if live else [])
+        slots = [
+            RequestTimeoutError("the request's time budget ran out before the model ran it")
+            if item.deadline is not None and item.deadline <= now
+            else item
+            for item, _ in queued
+        ]
+        live = passing(slots)
+        answers = in_place(slots, await self._run_live(model_id, runner, live) if live else [])
         model_ms = (time.perf_counter() - started) * 1000
-        answers = []
-        for (item, enqueued), gone in zip(queued, expired):
-            if gone:
-                answers.append(RequestTimeoutError("the request's time budget ran out before the model ran it"))
-                continue
-            result = next(results)
-            if isinstance(result, ModelResult):
-                result.timings_ms.update(queue=(started - enqueued) * 1000, model=model_ms)
-            answers.append(result)
+        for (_, enqueued), answer in zip(queued, answers):
+            if isinstance(answer, ModelResult):
+                answer.timings_ms.update(queue=(started - enqueued) * 1000, model=model_ms)
         return answers
 
     async def _run_live(self, model_id: str, runner: Sam3Runner, items: list[PreparedItem]) -> list[ModelResult | Exception]:

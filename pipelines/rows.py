@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from client._api import prompt_request, with_image
 from client.errors import InvalidImageError, InvalidPromptError, Sam3Error
 from client.protocol import RleMask, SegmentRequest, SegmentResponse
+from sam3_serve_core.failures import in_place, passing
 
 PROMPT_KEYS = {"text", "points", "boxes", "labels", "box_sets"}
 
@@ -129,12 +130,9 @@ def segment_rows(
             built.append(build_request(image, prompt, timeout_s=timeout_s, max_instances=max_instances))
         except Exception as error:  # a row fails alone, whatever fails: not only the clients' typed errors
             built.append(error)
-    requests = [request for request in built if isinstance(request, SegmentRequest)]
-    answers = iter(answer(requests) if requests else [])
-    rows = [
-        output_row(image, prompt, request if isinstance(request, Exception) else next(answers))
-        for image, prompt, request in zip(images, prompts, built)
-    ]
+    requests = passing(built)
+    answers = in_place(built, answer(requests) if requests else [])
+    rows = [output_row(image, prompt, response) for image, prompt, response in zip(images, prompts, answers)]
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.protocol import SegmentRequest, SegmentResponse
 from sam3_serve_core.checkpoint import ModelGeometry, Sam3Models
+from sam3_serve_core.failures import in_place, passing
 from sam3_serve_core.images import ImageSource, decode_image
 from sam3_serve_core.postprocess import Segmentation, encode_segmentation, to_response, unpack_segmentation
 from sam3_serve_core.preprocess import resize_to_model
@@ -181,16 +182,14 @@ class Sam3Pipeline:
                 prepared.append(self.prepare_request(request))
             except Exception as error:  # one answer per request: a bad one fails alone
                 prepared.append(error)
-        items = [item for item in prepared if isinstance(item, PreparedItem)]
-        outputs = iter(run_isolating_failures(self.runner, items, self.models.device) if items else [])
-        answers = []
-        for request, item in zip(requests, prepared):
-            result = item if isinstance(item, Exception) else next(outputs)
-            if isinstance(result, Exception):
-                answers.append(result)
-                continue
-            answers.append(to_response(encode_segmentation(result, self.mask_chunk_pixels), request.prompt_type, {}))
-        return answers
+        items = passing(prepared)
+        results = in_place(prepared, run_isolating_failures(self.runner, items, self.models.device) if items else [])
+        return [
+            result
+            if isinstance(result, Exception)
+            else to_response(encode_segmentation(result, self.mask_chunk_pixels), request.prompt_type, {})
+            for request, result in zip(requests, results)
+        ]
 
     def prepare_request(self, request: SegmentRequest) -> PreparedItem:
         return prepare_request(
