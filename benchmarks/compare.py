@@ -34,7 +34,6 @@ Random-weight checkpoints cost the same compute as real ones; their masks are me
 
 import argparse
 import gc
-import hashlib
 import itertools
 import os
 import pickle
@@ -81,7 +80,7 @@ from sam3_serve_core.pipeline import warm_up as warm_up_model
 from sam3_serve_core.postprocess import encode_segmentation, to_response
 from sam3_serve_core.messages import ModelResult
 from sam3_serve_core.runner import Sam3Runner
-from tools.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run
+from tools.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, start_local_ray
 from deployments.config import set_default_checkpoint
 
 SECTIONS = ("inprocess", "prompts", "bytes", "http", "handle", "floor")
@@ -175,12 +174,8 @@ def write_photos(directory: Path, count: int) -> tuple[list[Path], list[np.ndarr
 
 
 def preset_checkpoint(preset: str) -> Path:
-    """Build the preset's random-weight checkpoint once into .cache/benchmarks, keyed by the builder's source."""
-    source_hash = hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
-    out_dir = REPO / ".cache" / "benchmarks" / f"{preset}-{source_hash}"
-    if not (out_dir / "model.safetensors").exists():
-        tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)
-    return out_dir
+    """The preset's random-weight checkpoint, built once into .cache/benchmarks."""
+    return tiny_checkpoint.cached_checkpoint(REPO / ".cache" / "benchmarks", preset=preset)
 
 
 def print_header(args, checkpoint: Path, photos: list[Path]) -> None:
@@ -460,15 +455,6 @@ def measure_hop_bytes(checkpoint: Path, args, photo: Path) -> tuple[dict[str, di
 # ---------------------------------------------------------------- the application
 
 
-def start_ray() -> str:
-    """A fresh local Ray instance, as the tests start it (logical CPUs, so fractional replicas fit; at least the
-    machine's cores, so that autoscaling has room on a larger machine)."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    num_cpus = max(8, os.cpu_count() or 1)
-    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return context.address_info["gcs_address"]
-
-
 def app_config(
     checkpoint: Path,
     port: int,
@@ -540,21 +526,6 @@ def batch_and_busy(before: dict | None, after: dict | None, wall_s: float) -> tu
     batches = sum(sizes.values())
     mean_batch = sum(size * count for size, count in sizes.items()) / batches if batches else None
     return mean_batch, (after["busy_s"] - before["busy_s"]) / wall_s
-
-
-def record_responses(client, responses: list) -> None:
-    """Keep every raw `SegmentResponse` that `run()` receives, without changing the path `run()` takes.
-
-    The server's stage timings and the masks for the client decode time are read from them afterwards.
-    """
-    segment_with_retries = client._segment_with_retries
-
-    def recorded(request, timeout):
-        response = segment_with_retries(request, timeout)
-        responses.append(response)
-        return response
-
-    client._segment_with_retries = recorded
 
 
 def server_stage_means_ms(responses: list) -> dict[str, float]:
@@ -656,7 +627,7 @@ def application_client(transport: str, url: str, *, reuse_images: bool) -> Itera
     else:
         client, label = Sam3HandleClient(APP_NAME, timeout=CLIENT_TIMEOUT_S, reuse_images=reuse_images), "handle"
     responses: list = []
-    record_responses(client, responses)
+    client.on_response = responses.append  # the server's stage timings and the masks are read from them
     try:
         yield client, label, responses
     finally:
@@ -988,7 +959,7 @@ def main() -> None:
     hops = measure_hop_bytes(checkpoint, args, photos[0]) if "bytes" in args.only else None
     served, floor = [], []
     if {"http", "handle", "floor"} & set(args.only):
-        ray_address = start_ray()
+        ray_address = start_local_ray(max(8, os.cpu_count() or 1))  # room for autoscaling on larger machines
         try:
             port = free_port()
             if {"http", "handle"} & set(args.only):

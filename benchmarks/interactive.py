@@ -31,12 +31,12 @@ from pathlib import Path
 import httpx
 from ray import serve
 
-from benchmarks.compare import CLIENT_TIMEOUT_S, app_config, preset_checkpoint, print_table, start_ray
+from benchmarks.compare import CLIENT_TIMEOUT_S, app_config, preset_checkpoint, print_table
 from benchmarks.interactive_model import FIRST, FOLLOW_UPS
 from benchmarks.machine import cpu_name, git_commit
 from client.images import encode_image
 from client.protocol import SEGMENT_PATH, SegmentRequest, SegmentResponse
-from tools.launch import APP_NAME, free_port, serve_run
+from tools.launch import APP_NAME, free_port, serve_run, start_local_ray
 from tools.profiles import MODEL_POOL
 from tests.conftest import random_image
 from tests.serve.app_runner import replica_stats
@@ -125,7 +125,7 @@ def main() -> None:
         f"({'random weights: masks meaningless' if not args.checkpoint else 'given'}); {args.model_replicas} model "
         f"replicas; {args.rounds} x {args.sessions} concurrent sessions of 1 + {len(FOLLOW_UPS)} prompts"
     )
-    ray_address, port = start_ray(), free_port()
+    ray_address, port = start_local_ray(), free_port()
     configurations = []
     with tempfile.TemporaryDirectory() as workdir:
         for index, (name, cache_bytes) in enumerate((("cache on", 4_000_000_000), ("cache off", 0))):

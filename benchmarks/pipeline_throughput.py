@@ -51,7 +51,7 @@ from ray import serve
 from benchmarks.machine import cpu_name, git_commit
 from client import Sam3HandleClient
 from client.errors import Sam3Error
-from tools.launch import APP_NAME, cpu_config, free_port, serve_run
+from tools.launch import APP_NAME, cpu_config, free_port, serve_run, start_local_ray
 from pipelines.config import JobConfig
 from pipelines.output import summarize
 from pipelines.segment import run_job
@@ -511,14 +511,13 @@ def main() -> None:
     try:
         print("building the checkpoint and writing the images", file=sys.stderr, flush=True)
         checkpoint, images = prepare_inputs(workdir, args.sizes or [args.images], *args.image_size)
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray_address = start_local_ray()
         ray.data.DataContext.get_current().enable_progress_bars = False
         warm_up_ray_data()
         try:
             config_path = workdir / "sam3-cpu.yaml"  # the actors engine reads its args from it, as the job does
             config_path.write_text(yaml.safe_dump(cpu_config(str(checkpoint), free_port()), sort_keys=False))
-            setup = Setup(args, config_path, workdir, context.address_info["gcs_address"])
+            setup = Setup(args, config_path, workdir, ray_address)
             runs = measure_sizes(setup, images) if args.sizes else measure_engines(setup, images[args.images])
         finally:
             serve.shutdown()

@@ -52,7 +52,7 @@ from ray import serve
 from benchmarks.machine import cpu_name, git_commit
 from client.protocol import SEGMENT_PATH
 from tools.tiny_checkpoint import build_tiny_checkpoint
-from tools.launch import APP_NAME, REPO, cpu_config, free_port, serve_run
+from tools.launch import APP_NAME, REPO, cpu_config, free_port, serve_run, start_local_ray
 from tools.profiles import MODEL_POOL
 from tests.serve.app_runner import deployment, replica_stats
 
@@ -265,9 +265,7 @@ def main() -> None:
     checkpoint = args.checkpoint or str(build_tiny_checkpoint(workdir / "tiny-112", image_size=112))
     if not args.checkpoint:
         print("tiny random-weight checkpoint: its masks are meaningless; this measures the service, not SAM 3")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    ray_address = context.address_info["gcs_address"]
+    ray_address = start_local_ray()
     try:
         config = cpu_config(checkpoint, free_port())
         fixed = {"min_replicas": args.model_replicas, "max_replicas": args.model_replicas}

@@ -177,6 +177,9 @@ class SegmentClient(ABC):
         self._sleep, self._clock = time.sleep, time.monotonic  # tests swap in a fake clock
         # Called with each error a call retries, from the thread making the call (the Ray job counts retries).
         self.on_retry: Callable[[Exception], None] | None = None
+        # Called with each answer as it arrives, before it is decoded: its `timings_ms` (the server's time per
+        # stage) and `image_id` are there, which `run()`'s arrays do not carry.
+        self.on_response: Callable[[SegmentResponse], None] | None = None
 
     def run(
         self,
@@ -392,7 +395,7 @@ class SegmentClient(ABC):
 
     def _send_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
-        return call_with_retries(
+        response = call_with_retries(
             lambda remaining: self._segment(request.model_copy(update={"timeout_s": remaining}), remaining),
             policy=self.retry_policy,
             timeout=timeout,
@@ -400,6 +403,9 @@ class SegmentClient(ABC):
             clock=self._clock,
             on_retry=self.on_retry,
         )
+        if self.on_response is not None:
+            self.on_response(response)
+        return response
 
     @abstractmethod
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:

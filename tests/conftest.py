@@ -6,7 +6,6 @@ pre-processing, model and post-processing code and to compare it with transforme
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,26 +21,16 @@ TINY_SIZES = (56, 112)
 
 def tiny_checkpoint_dir(size: int) -> Path:
     """Build (or reuse) the tiny checkpoint for `size`; the cache key includes the builder's source."""
-    out_dir = _test_cache() / f"tiny-{size}-{_builder_hash()}"
-    if not (out_dir / "model.safetensors").exists():
-        tiny_checkpoint.build_tiny_checkpoint(out_dir, image_size=size)
-    return out_dir
+    return tiny_checkpoint.cached_checkpoint(_test_cache(), image_size=size)
 
 
 def preset_checkpoint_dir(preset: str) -> Path:
     """Build (or reuse) a preset's random-weight checkpoint at its own resolution (`mid`: 504 px, a 12-layer ViT)."""
-    out_dir = _test_cache() / f"{preset}-{_builder_hash()}"
-    if not (out_dir / "model.safetensors").exists():
-        tiny_checkpoint.build_tiny_checkpoint(out_dir, preset=preset)
-    return out_dir
+    return tiny_checkpoint.cached_checkpoint(_test_cache(), preset=preset)
 
 
 def _test_cache() -> Path:
     return Path(os.environ.get("SAM3_TEST_CACHE", Path(tempfile.gettempdir()) / "sam3-serve-test-cache"))
-
-
-def _builder_hash() -> str:
-    return hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes()).hexdigest()[:12]
 
 
 @pytest.fixture(scope="session", params=TINY_SIZES, ids=lambda size: f"tiny{size}")
@@ -70,12 +59,9 @@ def ray_address():
     import ray
     from ray import serve
 
-    # Token authentication protects Ray's control plane, not the Serve HTTP port; tests run without it,
-    # and say so explicitly rather than depend on the Ray version's default.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    # address="local": always a new instance, never attached to another Ray running on this machine.
-    context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield context.address_info["gcs_address"]
+    from tools.launch import start_local_ray
+
+    yield start_local_ray()
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()

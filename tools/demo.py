@@ -10,7 +10,6 @@ GPU, but then THE MASKS ARE MEANINGLESS: the demo shows that the service works, 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from skimage import data
 
 from client import Sam3HttpClient
 from sam3_serve_core.checkpoint import is_tiny_checkpoint
-from tools.launch import REPO, SERVE_CONFIG, cpu_config, serve_run
+from tools.launch import REPO, SERVE_CONFIG, cpu_config, serve_run, start_local_ray
 
 TINY_DIR = REPO / ".cache" / "demo" / "tiny-112"
 DEFAULT_OUT = REPO / ".cache" / "demo" / "out"
@@ -112,15 +111,10 @@ def run(out: Path, checkpoint: str | None, port: int) -> None:
             f"{SERVE_CONFIG.name})."
         )
     config_path = out / "serve_config.cpu.yaml"
-    # Token authentication guards Ray's control plane, which this local, private instance does not expose.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        # "local" starts a new instance even if another one (a test session's, say) is running here.
-        context = ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        ray_address = start_local_ray(RAY_CPUS)
         print(f"started Ray ({RAY_CPUS} logical CPUs); `serve run {config_path}` ...")
-        base_url = serve_run(
-            cpu_config(checkpoint, port), config_path, context.address_info["gcs_address"], DEPLOY_TIMEOUT_S
-        )
+        base_url = serve_run(cpu_config(checkpoint, port), config_path, ray_address, DEPLOY_TIMEOUT_S)
         print(f"application sam3 is running at {base_url}")
         segment_sample(base_url, out)
     finally:

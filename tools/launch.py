@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import ray
 import yaml
 from ray import serve
 
@@ -23,6 +24,15 @@ from tools.profiles import cpu_profile
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "serve_config.yaml"
 APP_NAME = "sam3"
+
+
+def start_local_ray(num_cpus: int = 8) -> str:
+    """A new local Ray instance (even if another runs on this machine), with `num_cpus` logical CPUs so that
+    fractional replicas fit; returns its address. Token authentication guards Ray's control plane, which a
+    local, private instance does not expose: it is off, said explicitly rather than left to Ray's default."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return context.address_info["gcs_address"]
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import hashlib
 import importlib.resources
 import json
 import time
@@ -156,23 +157,6 @@ def full_config(image_size: int = 1008) -> Sam3VideoConfig:
 PRESETS: dict[str, Callable[..., Sam3VideoConfig]] = {"tiny": tiny_config, "mid": mid_config, "full": full_config}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte-to-character table (from OpenAI's `simple_tokenizer.py`)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
 @lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The real CLIP BPE vocabulary (49408 tokens), rebuilt from open_clip's merges file.
@@ -183,7 +167,9 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     lines = gzip.decompress(merges_file.read_bytes()).decode("utf-8").split("\n")
     num_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2  # byte symbols, their end-of-word forms, two specials
     merges = [tuple(line.split()) for line in lines[1 : 1 + num_merges]]
-    symbols = list(_bytes_to_unicode().values())
+    from open_clip.tokenizer import bytes_to_unicode  # CLIP's reversible byte-to-character table
+
+    symbols = list(bytes_to_unicode().values())
     symbols += [symbol + "</w>" for symbol in symbols]
     symbols += ["".join(merge) for merge in merges]
     symbols += ["<|startoftext|>", "<|endoftext|>"]
@@ -239,6 +225,17 @@ def build_tiny_checkpoint(
         "Its masks, boxes and scores are MEANINGLESS. It exists to test the real loading and serving code.\n"
         + json.dumps({"preset": preset, "image_size": image_size, "seed": seed}) + "\n"
     )
+    return out_dir
+
+
+def cached_checkpoint(cache_dir: str | Path, preset: str = "tiny", image_size: int | None = None) -> Path:
+    """`build_tiny_checkpoint` once into `cache_dir`, in a folder named by the preset, the size and this file's
+    hash: a changed builder never reuses an old build."""
+    source_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    name = preset if image_size is None else f"{preset}-{image_size}"
+    out_dir = Path(cache_dir) / f"{name}-{source_hash}"
+    if not (out_dir / "model.safetensors").exists():
+        build_tiny_checkpoint(out_dir, image_size=image_size, preset=preset)
     return out_dir
 
 

@@ -248,6 +248,17 @@ def test_run_returns_the_union_mask(client, image_file):
     np.testing.assert_array_equal(mask, left | right)
 
 
+def test_on_response_sees_each_answer_with_its_server_timings(client, service, image_file):
+    _, response = masks_and_response()
+    timed = response.model_copy(update={"timings_ms": {"model": 12.5, "total": 20.0}})
+    service.segment = lambda _: httpx.Response(200, content=timed.model_dump_json())
+    seen: list[SegmentResponse] = []
+    client.on_response = seen.append
+    client.run(image_file, text="cat")
+    client.run_with_detections(image_file, text="dog")
+    assert [answer.timings_ms for answer in seen] == [{"model": 12.5, "total": 20.0}] * 2
+
+
 def test_run_with_detections_returns_plain_python_results(client, image_file):
     (left, right), _ = masks_and_response()
     result = client.run_with_detections(image_file, text="cat")
