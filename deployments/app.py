@@ -1,4 +1,10 @@
-"""The application builder that `serve_config.yaml` names: `import_path: deployments.app:build_app`."""
+"""The application builder that `serve_config.yaml` names: `import_path: deployments.app:build_app`.
+
+The deployments' options (resources, replicas, autoscaling, batching, routing) are set in `serve_config.yaml`
+alone, never in the `@serve.deployment` decorators: one place to read and change them, and no defaults in
+code that drift from the file. Run the application with that file or a profile made from it
+(`python -m tools.profiles`).
+"""
 
 # No `from __future__ import annotations`: Serve validates `args` against the builder's annotation,
 # which must be the AppArgs class itself, not a string.

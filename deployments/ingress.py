@@ -148,7 +148,7 @@ async def http_error(_: Request, error: HTTPException) -> JSONResponse:
     return response
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+@serve.deployment
 @serve.ingress(app)
 class Sam3Ingress:
     def __init__(

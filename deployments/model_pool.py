@@ -42,11 +42,7 @@ class LoadedModel:
     batcher: ContinuousBatcher
 
 
-@serve.deployment(
-    ray_actor_options={"num_gpus": 1},
-    max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
-)
+@serve.deployment
 class Sam3ModelPool:
     """Every torch call runs on the replica's model threads, one per batch in flight, never elsewhere.
 

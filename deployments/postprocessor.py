@@ -14,7 +14,7 @@ from sam3_serve_core.postprocess import encode_segmentation, to_response
 from sam3_serve_core.messages import ModelResult
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment
 class Sam3Postprocessor:
     def __init__(self, args: AppArgs):
         self.mask_chunk_pixels = args.mask_chunk_pixels

@@ -15,7 +15,7 @@ from sam3_serve_core.pipeline import prepare_request
 from sam3_serve_core.messages import PreparedItem
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment
 class Sam3Preprocessor:
     """Needs each checkpoint's tokenizer and config only, never its weights, so it holds every model's."""
 
