@@ -7,7 +7,7 @@
 # compute is the real model's), then, most important first, each step's log in OUT_DIR:
 #   core-*     the model replica's work in one process (benchmarks.core_throughput, bf16, text prompts,
 #              distinct 640x480 images): one at a time and in batches of 8, with a profile of one batch;
-#   app-*      the application (benchmarks.compare): transformers' own pipeline, our core and the service
+#   app-*      the application uncompiled (benchmarks.compare --compile off): transformers' pipeline, our core and the service
 #              over HTTP at concurrency 1, 8, 32, with many instances per answer (the random weights keep
 #              ~150; with the bytes per hop and an autoscaling row) and with at most 8 (max_instances);
 #   parity-device  masks finished on the GPU against the same outputs finished on the CPU;
@@ -41,15 +41,15 @@ SHOW_LINES=30 step core-many "${core[@]}" --profile
 SHOW_LINES=8 step core-few "${core[@]}" --max-instances 8
 app=(python -m benchmarks.compare --checkpoint "$checkpoint" --device cuda --dtype bfloat16 --concurrency 1,8,32
      --requests 64 --markdown)
-step app-many "${app[@]}" --only inprocess,bytes,http --configurations batched,autoscaling --autoscale-load-s 20
-step app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8
+step app-many "${app[@]}" --only inprocess,bytes,http --configurations batched,autoscaling --autoscale-load-s 20 --compile off
+step app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8 --compile off
 SHOW_LINES=3 step parity-device python -m benchmarks.device_parity --checkpoint "$checkpoint"
 step parity-bf16 python -m benchmarks.bf16_parity --checkpoint "$checkpoint" --device cuda
 SHOW_LINES=8 step autocast-core python -m benchmarks.core_throughput --checkpoint "$checkpoint" --device cuda \
   --dtype float32 --autocast --prompts text --requests 16
 SHOW_LINES=10 step compiled-core-few "${core[@]}" --max-instances 8 --compile all
 SHOW_LINES=10 step compiled-core-vision "${core[@]}" --max-instances 8 --compile vision
-step compiled-app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8 --compile
-step compiled-app-many "${app[@]}" --only inprocess,http --configurations batched,autoscaling --autoscale-load-s 20 --compile
+step compiled-app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8 --compile on
+step compiled-app-many "${app[@]}" --only inprocess,http --configurations batched,autoscaling --autoscale-load-s 20 --compile on
 SHOW_LINES=10 step compiled-starts grep -rh "ready in" /tmp/ray/ --include="*Sam3ModelPool*"
 SHOW_LINES=10 step compiled-core-many "${core[@]}" --compile all
