@@ -15,10 +15,10 @@ from client.protocol import SegmentRequest, SegmentResponse
 from sam3_serve_core.checkpoint import ModelGeometry, Sam3Models
 from sam3_serve_core.failures import in_place, passing
 from sam3_serve_core.images import ImageSource, decode_image
+from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.postprocess import Segmentation, encode_segmentation, to_response, unpack_segmentation
 from sam3_serve_core.preprocess import resize_to_model
 from sam3_serve_core.prompts import build_prompts
-from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.runner import Sam3Runner, run_isolating_failures
 from sam3_serve_core.vision_cache import image_key, original_size_of
 
@@ -80,7 +80,7 @@ def prepare_item(
 def warm_up(runner: Sam3Runner) -> list[float]:
     """Forward passes of every head, before the first request pays for them. Returns each pass's seconds.
 
-    With compiled layers (`compilation.compile_layers`) these passes are the compilation, and their order
+    Uncompiled, one pass of a text and a point prompt warms both heads. With compiled layers (`compilation.compile_layers`) these passes are the compilation, and their order
     makes it complete: a layer's first graph is specialised to the shapes it saw, and each later pass that
     changes a dimension compiles a graph where that dimension is symbolic. The passes change the batch (one
     prompt row, then several) and the prompt's length (box exemplars add tokens), in both orders, so no
@@ -94,12 +94,15 @@ def warm_up(runner: Sam3Runner) -> list[float]:
     def item(**prompt) -> PreparedItem:
         return prepare_item(blank, tokenizer=models.tokenizer, geometry=models.geometry, **prompt)
 
-    batches = [
-        [item(text="warm up")],
-        [item(text="warm up"), item(text="warm up"), item(points=[[1, 1]], labels=[1])],
-        [item(boxes=one_box, labels=[1])],
-        [item(boxes=one_box, labels=[1]), item(boxes=two_boxes, labels=[1, 0])],
-    ]
+    if not models.compiled:
+        batches = [[item(text="warm up"), item(points=[[1, 1]], labels=[1])]]
+    else:
+        batches = [
+            [item(text="warm up")],
+            [item(text="warm up"), item(text="warm up"), item(points=[[1, 1]], labels=[1])],
+            [item(boxes=one_box, labels=[1])],
+            [item(boxes=one_box, labels=[1]), item(boxes=two_boxes, labels=[1, 0])],
+        ]
     seconds = []
     for batch in batches:
         started = time.perf_counter()
