@@ -32,12 +32,12 @@ import torch
 
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3
 from sam3_serve_core.masks import concept_masks_to_uint8, tracker_masks_to_uint8
+from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.pipeline import prepare_item
 from sam3_serve_core.postprocess import ConceptOutput, RawOutput
-from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.runner import Sam3Runner
-from tools.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import random_image
+from tools.tiny_checkpoint import build_tiny_checkpoint
 
 MODES = ("cast", "autocast")
 SCORE_THRESHOLD = 0.5

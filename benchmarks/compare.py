@@ -72,16 +72,15 @@ from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResp
 from client.errors import Sam3Error
 from client.images import encode_image
 from client.rle import decode_mask
-from tools import tiny_checkpoint
-from deployments.config import AppArgs
+from deployments.config import AppArgs, set_default_checkpoint
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_dtype
+from sam3_serve_core.messages import ModelResult
 from sam3_serve_core.pipeline import Sam3Pipeline, prepare_request
 from sam3_serve_core.pipeline import warm_up as warm_up_model
 from sam3_serve_core.postprocess import encode_segmentation, to_response
-from sam3_serve_core.messages import ModelResult
 from sam3_serve_core.runner import Sam3Runner
+from tools import tiny_checkpoint
 from tools.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, start_local_ray
-from deployments.config import set_default_checkpoint
 
 SECTIONS = ("inprocess", "prompts", "bytes", "http", "handle", "floor")
 # The application's configurations the http and handle sections run, in this order.

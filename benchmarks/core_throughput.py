@@ -28,8 +28,8 @@ import torch
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.compilation import REGIONS, compile_layers
 from sam3_serve_core.pipeline import Sam3Pipeline, warm_up
-from tools.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import random_image
+from tools.tiny_checkpoint import build_tiny_checkpoint
 
 PROMPTS = [{"text": "a red car"}, {"boxes": [[10, 12, 70, 60]], "labels": [1]}, {"points": [[50, 40]], "labels": [1]}]
 TEXT_PROMPTS = [{"text": "a red car"}]

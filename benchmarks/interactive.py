@@ -36,10 +36,10 @@ from benchmarks.interactive_model import FIRST, FOLLOW_UPS
 from benchmarks.machine import cpu_name, git_commit
 from client.images import encode_image
 from client.protocol import SEGMENT_PATH, SegmentRequest, SegmentResponse
-from tools.launch import APP_NAME, free_port, serve_run, start_local_ray
-from tools.profiles import MODEL_POOL
 from tests.conftest import random_image
 from tests.serve.app_runner import replica_stats
+from tools.launch import APP_NAME, free_port, serve_run, start_local_ray
+from tools.profiles import MODEL_POOL
 
 @dataclass
 class Call:

@@ -23,8 +23,8 @@ import torch
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import prepare_item
 from sam3_serve_core.runner import Sam3Runner
-from tools.tiny_checkpoint import PRESETS, build_tiny_checkpoint
 from tests.conftest import random_image
+from tools.tiny_checkpoint import PRESETS, build_tiny_checkpoint
 
 FOLLOW_UPS = [
     {"points": [[320, 240]], "labels": [1]},

@@ -51,10 +51,10 @@ from ray import serve
 from benchmarks.machine import cpu_name, git_commit
 from client import Sam3HandleClient
 from client.errors import Sam3Error
-from tools.launch import APP_NAME, cpu_config, free_port, serve_run, start_local_ray
 from pipelines.config import JobConfig
 from pipelines.output import summarize
 from pipelines.segment import run_job
+from tools.launch import APP_NAME, cpu_config, free_port, serve_run, start_local_ray
 
 ENGINES = ("actors", "service", "loop", "run_many")
 KINDS = ("driver", "Ray Data workers", "Serve replicas", "other Ray processes")

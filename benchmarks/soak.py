@@ -51,10 +51,10 @@ from ray import serve
 
 from benchmarks.machine import cpu_name, git_commit
 from client.protocol import SEGMENT_PATH
-from tools.tiny_checkpoint import build_tiny_checkpoint
+from tests.serve.app_runner import deployment, replica_stats
 from tools.launch import APP_NAME, REPO, cpu_config, free_port, serve_run, start_local_ray
 from tools.profiles import MODEL_POOL
-from tests.serve.app_runner import deployment, replica_stats
+from tools.tiny_checkpoint import build_tiny_checkpoint
 
 FLAT_GROWTH_MB = 100.0
 FLAT_GROWTH_SHARE = 0.10

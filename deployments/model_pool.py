@@ -22,12 +22,12 @@ from ray import serve
 from client.errors import RequestTimeoutError, Sam3Error
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
+from deployments.metrics import ModelPoolMetrics
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_device
-from sam3_serve_core.pipeline import warm_up
 from sam3_serve_core.failures import in_place, passing
 from sam3_serve_core.messages import ModelResult, PreparedItem
+from sam3_serve_core.pipeline import warm_up
 from sam3_serve_core.runner import Sam3Runner, run_isolating_failures
-from deployments.metrics import ModelPoolMetrics
 
 logger = logging.getLogger("ray.serve")
 

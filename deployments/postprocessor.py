@@ -10,8 +10,8 @@ from ray import serve
 from client.errors import Sam3Error
 from client.protocol import PromptType, SegmentResponse
 from deployments.config import AppArgs
-from sam3_serve_core.postprocess import encode_segmentation, to_response
 from sam3_serve_core.messages import ModelResult
+from sam3_serve_core.postprocess import encode_segmentation, to_response
 
 
 @serve.deployment

@@ -11,8 +11,8 @@ from client.errors import Sam3Error
 from client.protocol import SegmentRequest
 from deployments.config import AppArgs
 from sam3_serve_core.checkpoint import ModelGeometry, load_geometry, load_tokenizer
-from sam3_serve_core.pipeline import prepare_request
 from sam3_serve_core.messages import PreparedItem
+from sam3_serve_core.pipeline import prepare_request
 
 
 @serve.deployment

@@ -36,14 +36,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipelines.rows import canonical_prompt, parse_prompt
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
-from tools.launch import cpu_config
-from pipelines.rows import canonical_prompt, parse_prompt
 from tests.answers import answer_of, assert_close_answer, expect
 from tests.cluster.test_two_nodes import MODEL_RESOURCE, add_model_node, two_node_config
 from tests.conftest import random_image
 from tests.ray_cluster import Cluster, wait_for
+from tools.launch import cpu_config
 
 IMAGES = 80
 PROMPTS = [

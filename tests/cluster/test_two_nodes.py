@@ -25,11 +25,11 @@ from client import Sam3HttpClient
 from client.errors import Sam3Error, ServiceUnavailableError
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
-from tools.launch import cpu_config
-from tools.profiles import MODEL_POOL, with_model_resource
 from tests.answers import assert_close_answer, expect
 from tests.conftest import random_image
 from tests.ray_cluster import Cluster
+from tools.launch import cpu_config
+from tools.profiles import MODEL_POOL, with_model_resource
 
 MODEL_RESOURCE = "sam3_model"
 UNAVAILABLE_AFTER_S = 5

@@ -20,9 +20,9 @@ from client._api import segment_request
 from client.errors import InvalidImageError, PromptTooLongError
 from client.protocol import SegmentResponse
 from client.rle import decode_mask
+from pipelines.rows import OUTPUT_SCHEMA, canonical_prompt, segment_rows
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
-from pipelines.rows import OUTPUT_SCHEMA, canonical_prompt, segment_rows
 from tests.answers import Expected, assert_close_answer, expect
 from tests.conftest import random_image
 

@@ -12,9 +12,9 @@ import torch
 
 from client.errors import ImageNotCachedError
 from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.pipeline import prepare_item
 from sam3_serve_core.postprocess import ConceptOutput
-from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.runner import Sam3Runner
 from tests.answers import LOGIT_TOLERANCE
 from tests.conftest import random_image

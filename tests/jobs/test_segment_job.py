@@ -27,13 +27,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipelines.rows import canonical_prompt, parse_prompt
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
-from tools.launch import cpu_config
-from pipelines.rows import canonical_prompt, parse_prompt
 from tests.answers import assert_close_answer, expect
 from tests.conftest import random_image
 from tests.ray_cluster import Cluster
+from tools.launch import cpu_config
 
 GOOD_IMAGES = 240
 TEXT = "a red car"

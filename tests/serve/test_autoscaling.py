@@ -17,8 +17,8 @@ from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import close_answer, expect
 from tests.conftest import random_image
-from tests.serve.load import LoadGenerator
 from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run
+from tests.serve.load import LoadGenerator
 
 IMAGE = random_image(90, 130, seed=3)
 

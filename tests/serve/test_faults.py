@@ -23,14 +23,14 @@ from ray import serve
 
 from client import Sam3HttpClient
 from client.errors import Sam3Error
+from deployments.config import set_default_checkpoint
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
-from tools.tiny_checkpoint import build_tiny_checkpoint
-from deployments.config import set_default_checkpoint
 from tests.answers import Expected, close_answer, expect
 from tests.conftest import random_image
 from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run
 from tests.serve.load import LoadGenerator
+from tools.tiny_checkpoint import build_tiny_checkpoint
 
 IMAGE = random_image(90, 130, seed=11)
 PROMPTS = [{"text": "a red car"}, {"boxes": [[10, 12, 70, 60]], "labels": [1]}, {"points": [[50, 40]], "labels": [1]}]

@@ -12,11 +12,10 @@ import torch
 from pydantic import ValidationError
 
 from client.errors import ModelNotFoundError, RequestTimeoutError, ServiceUnavailableError
-from deployments.config import AppArgs
+from deployments.config import AppArgs, set_default_checkpoint
 from deployments.metrics import stage_latencies
 from deployments.model_pool import Sam3ModelPool
 from sam3_serve_core.messages import ModelResult, PreparedItem
-from deployments.config import set_default_checkpoint
 
 
 def test_model_ids_resolve_to_served_models_or_a_typed_404():

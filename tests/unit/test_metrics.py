@@ -7,8 +7,8 @@ import re
 
 from ray.util.metrics import Metric
 
-from sam3_serve_core.vision_cache import VisionFeatureCache
 from deployments.metrics import IngressMetrics, ModelPoolMetrics
+from sam3_serve_core.vision_cache import VisionFeatureCache
 from tests.serve.app_runner import REPO
 
 DASHBOARD = REPO / "deploy" / "grafana" / "sam3-dashboard.json"

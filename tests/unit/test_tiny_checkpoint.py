@@ -19,8 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3VideoModel
 
 from sam3_serve_core.checkpoint import load_sam3
-from tools.tiny_checkpoint import PRESETS, TINY_MARKER_FILE, build_tiny_checkpoint
 from tests.conftest import random_image
+from tools.tiny_checkpoint import PRESETS, TINY_MARKER_FILE, build_tiny_checkpoint
 
 # facebook/sam3 (see /work/shared/notes/sam3-model.md): ~840M parameters, 446M of them the ViT.
 REAL_PARAMS = 840e6
