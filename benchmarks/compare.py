@@ -3,7 +3,8 @@
     python -m benchmarks.compare [--preset tiny|mid|full | --checkpoint DIR] [--device cpu|cuda]
         [--dtype auto|float32|bfloat16] [--images 48] [--score-threshold T] [--max-instances K] [--requests 16]
         [--concurrency 1,8,32] [--autoscale-load-s 60] [--only inprocess,prompts,bytes,http,handle,floor]
-        [--configurations batched,unbatched,autoscaling,cache-hits] [--compile auto|on|off] [--markdown]
+        [--configurations batched,unbatched,autoscaling,cache-hits] [--max-batch-size 8,16]
+        [--compile auto|on|off] [--markdown]
 
 Each request sends the next of `--images` distinct 640x480 JPEG photos (crops of scikit-image's photos, as files
 and as their pixels in numpy arrays) with the same text prompt, and every model runs in `--dtype` (auto:
@@ -652,9 +653,12 @@ def measure_application(
         path = workdir / f"{name}.yaml"
         return serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
 
-    pinned = {"batched": ("batching on", None), "unbatched": ("batching off", 1)}
-    for batching, max_batch_size in (pinned[name] for name in pinned if name in args.configurations):
-        url = deploy(batching.replace(" ", "-"), max_batch_size=max_batch_size, vision_cache_bytes=0)
+    batched = [("batching on", None)] if args.max_batch_size is None else [
+        (f"batching on, max batch {size}", size) for size in args.max_batch_size
+    ]
+    pinned = {"batched": batched, "unbatched": [("batching off", 1)]}
+    for batching, max_batch_size in (run for name in pinned if name in args.configurations for run in pinned[name]):
+        url = deploy(batching.replace(" ", "-").replace(",", ""), max_batch_size=max_batch_size, vision_cache_bytes=0)
         if not counts:
             counts = instance_counts(photos, args)
         for transport in transports:
@@ -895,6 +899,12 @@ def parse_args() -> argparse.Namespace:
         "--configurations",
         default=",".join(CONFIGURATIONS),
         help=f"the application's configurations that http and handle run, from {','.join(CONFIGURATIONS)}",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=lambda value: [int(size) for size in value.split(",")],
+        help="the batched configuration once per size, comma-separated (changed live: user_config); "
+        "default: serve_config.yaml's",
     )
     parser.add_argument("--images", type=int, default=48, help="distinct photos the requests go through, in turn")
     parser.add_argument("--text", default="cat", help="the text prompt")

@@ -1,6 +1,6 @@
 """Throughput of the model runner: batched vs one request at a time, and shared vs repeated vision passes.
 
-    python -m benchmarks.core_throughput [--checkpoint DIR] [--size 112] [--requests 64] [--device cpu]
+    python -m benchmarks.core_throughput [--checkpoint DIR] [--size 112] [--requests 64] [--batch-size 8,16] [--device cpu]
                                          [--dtype auto] [--prompts mixed|text] [--score-threshold T]
                                          [--max-instances K] [--profile] [--autocast]
                                          [--compile all|vision,detr_encoder,detr_decoder]
@@ -73,7 +73,12 @@ def main() -> None:
     parser.add_argument("--checkpoint")
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=lambda value: [int(size) for size in value.split(",")],
+        default=[8],
+        help="batches of each of these sizes, comma-separated",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,11 +120,17 @@ def measure(pipeline: Sam3Pipeline, args: argparse.Namespace) -> None:
         pipeline.prepare(image, max_instances=args.max_instances, **prompts[i % len(prompts)])
         for i, image in enumerate(images)
     ]
-    batches = [items[i : i + args.batch_size] for i in range(0, len(items), args.batch_size)]
-    instances = [len(answer.scores) for answer in pipeline.runner.run(batches[0])]
+    batches_by_size = {
+        size: [items[i : i + size] for i in range(0, len(items), size)] for size in args.batch_size
+    }
+    first_batch = batches_by_size[args.batch_size[0]][0]
+    instances = [len(answer.scores) for answer in pipeline.runner.run(first_batch)]
 
     one_at_a_time = timed(lambda: [pipeline.runner.run([item]) for item in items], args.repeats)
-    batched = timed(lambda: [pipeline.runner.run(batch) for batch in batches], args.repeats)
+    batched = {
+        size: timed(lambda: [pipeline.runner.run(batch) for batch in batches], args.repeats)
+        for size, batches in batches_by_size.items()
+    }
 
     three_prompts = [pipeline.prepare(images[0], **prompt) for prompt in PROMPTS]
     shared = three_prompts[0].__class__(
@@ -136,11 +147,12 @@ def measure(pipeline: Sam3Pipeline, args: argparse.Namespace) -> None:
     )
     print(f"{'strategy':<44}{'requests/s':>12}")
     print(f"{'one request per model call (baseline)':<44}{len(items) / one_at_a_time:>12.1f}")
-    print(f"{f'batches of {args.batch_size} ({args.prompts} prompts)':<44}{len(items) / batched:>12.1f}")
+    for size, seconds in batched.items():
+        print(f"{f'batches of {size} ({args.prompts} prompts)':<44}{len(items) / seconds:>12.1f}")
     print(f"{'3 prompts on 1 image, 3 items (3 ViT passes)':<44}{3 / repeated_vision:>12.1f}")
     print(f"{'3 prompts on 1 image, 1 item (1 ViT pass)':<44}{3 / shared_vision:>12.1f}")
     if args.profile:
-        profile(pipeline, batches[0])
+        profile(pipeline, first_batch)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@
 #   parity-bf16  how far bf16 moves masks, scores and boxes from float32 (benchmarks.bf16_parity);
 #   autocast-core  the core with float32 weights under bf16 autocast (the more accurate bf16, how fast);
 #   compiled-*  the core and the application with the layers compiled (`compile: true`), beside the core-*
-#              and app-* rows above, then each model replica's start (load, warm-up and compile) from its log.
+#              and app-* rows above; batches of 16 against 8 (core, and the application's max_batch_size) with a
+#              profile of the compiled batch and Serve's bare floor; then each model replica's start (load,
+#              warm-up and compile) from its log.
 # STEPS (default "core app parity") chooses the groups or steps to run; STEP_TIMEOUT (seconds, default 300) bounds each
 # step, so one that hangs leaves time for the rest.
 set -uo pipefail
@@ -51,5 +53,8 @@ SHOW_LINES=10 step compiled-core-few "${core[@]}" --max-instances 8 --compile al
 SHOW_LINES=10 step compiled-core-vision "${core[@]}" --max-instances 8 --compile vision
 step compiled-app-few "${app[@]}" --only inprocess,http --configurations batched --max-instances 8 --compile on
 step compiled-app-many "${app[@]}" --only inprocess,http --configurations batched,autoscaling --autoscale-load-s 20 --compile on
+SHOW_LINES=40 step compiled-core-batches "${core[@]}" --max-instances 8 --compile all --batch-size 16,8 --profile
+step compiled-app-batches "${app[@]}" --only http,floor --configurations batched --max-instances 8 --compile on \
+  --max-batch-size 8,16 --concurrency 1,32 --requests 96
 SHOW_LINES=10 step compiled-starts grep -rh "ready in" /tmp/ray/ --include="*Sam3ModelPool*"
 SHOW_LINES=10 step compiled-core-many "${core[@]}" --compile all
