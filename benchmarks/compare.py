@@ -4,7 +4,7 @@
         [--dtype auto|float32|bfloat16] [--images 48] [--score-threshold T] [--max-instances K] [--requests 16]
         [--concurrency 1,8,32] [--autoscale-load-s 60] [--only inprocess,prompts,bytes,http,handle,floor]
         [--configurations batched,unbatched,autoscaling,cache-hits] [--max-batch-size 8,16]
-        [--compile auto|on|off] [--markdown]
+        [--compile auto|on|off] [--compile-regions vision,...] [--markdown]
 
 Each request sends the next of `--images` distinct 640x480 JPEG photos (crops of scikit-image's photos, as files
 and as their pixels in numpy arrays) with the same text prompt, and every model runs in `--dtype` (auto:
@@ -75,6 +75,7 @@ from client.images import encode_image
 from client.rle import decode_mask
 from deployments.config import AppArgs, set_default_checkpoint
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_dtype
+from sam3_serve_core.compilation import REGIONS
 from sam3_serve_core.messages import ModelResult
 from sam3_serve_core.pipeline import Sam3Pipeline, prepare_request
 from sam3_serve_core.pipeline import warm_up as warm_up_model
@@ -373,7 +374,8 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
         name, key = f"transformers in process, {label}", ("transformers", label)
         rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key, args.gpu))
     del segment
-    pipeline = Sam3Pipeline(load_sam3(str(checkpoint), device=args.device, dtype=args.dtype, compile=args.compile))
+    models = load_sam3(str(checkpoint), args.device, args.dtype, args.compile, args.compile_regions or tuple(REGIONS))
+    pipeline = Sam3Pipeline(models)
     warm_up_model(pipeline.runner)
 
     def core(image) -> int:
@@ -465,10 +467,11 @@ def app_config(
     vision_cache_bytes: int | None = None,
     autoscaling: bool = False,
     compile: bool | str | None = None,
+    compile_regions: list[str] | None = None,
 ) -> dict:
     """The CPU profile (or serve_config.yaml itself on a GPU), each deployment at its minimum replicas unless
     `autoscaling`. `dtype` and `vision_cache_bytes` (0: the cache off) replace the configured ones; None keeps them.
-    `compile` (True, False or "auto") likewise."""
+    `compile` (True, False or "auto") and `compile_regions` likewise."""
     if device == "cpu":
         config = cpu_config(str(checkpoint), port)
     else:
@@ -482,6 +485,8 @@ def app_config(
         config["applications"][0]["args"]["vision_cache_bytes"] = vision_cache_bytes
     if compile is not None:
         config["applications"][0]["args"]["compile"] = compile
+    if compile_regions is not None:
+        config["applications"][0]["args"]["compile_regions"] = compile_regions
     for deployment in config["applications"][0]["deployments"]:
         scaling = deployment.get("autoscaling_config")
         if scaling is not None and not autoscaling:  # pinned, not removed: the code's own config would apply
@@ -649,7 +654,15 @@ def measure_application(
 
     def deploy(name: str, **options) -> str:
         """`serve run` the first configuration, and each later one over the running application."""
-        config = app_config(checkpoint, port, args.device, dtype=args.dtype, compile=args.compile, **options)
+        config = app_config(
+            checkpoint,
+            port,
+            args.device,
+            dtype=args.dtype,
+            compile=args.compile,
+            compile_regions=args.compile_regions,
+            **options,
+        )
         path = workdir / f"{name}.yaml"
         return serve_run(config, path, ray_address) if url is None else redeploy(config, path, ray_address)
 
@@ -923,6 +936,11 @@ def parse_args() -> argparse.Namespace:
         default="auto",
         help="our core in process and the application's model pool with their layers compiled (compile: true); "
         "auto: on cuda",
+    )
+    parser.add_argument(
+        "--compile-regions",
+        type=lambda value: value.split(","),
+        help=f"with the layers compiled: which stacks, of {','.join(REGIONS)} (compile_regions); default: all",
     )
     parser.add_argument("--markdown", action="store_true", help="print tables for benchmarks/RESULTS.md")
     args = parser.parse_args()

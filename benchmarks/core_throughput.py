@@ -26,7 +26,7 @@ import time
 import torch
 
 from sam3_serve_core.checkpoint import load_sam3
-from sam3_serve_core.compilation import REGIONS, compile_layers
+from sam3_serve_core.compilation import REGIONS
 from sam3_serve_core.pipeline import Sam3Pipeline, warm_up
 from tests.conftest import random_image
 from tools.tiny_checkpoint import build_tiny_checkpoint
@@ -100,14 +100,15 @@ def main() -> None:
     if not args.checkpoint:
         print(f"tiny random-weight checkpoint at {args.size}px (masks meaningless; structure as the real model)")
     started = time.perf_counter()
-    models = load_sam3(checkpoint, device=args.device, dtype=args.dtype)
+    models = load_sam3(
+        checkpoint, device=args.device, dtype=args.dtype, compile=bool(args.compile), compile_regions=args.compile
+    )
     synchronize()
     print(f"checkpoint loaded onto {args.device} in {time.perf_counter() - started:.1f} s")
     pipeline = Sam3Pipeline(models, score_threshold=args.score_threshold)
     precision = torch.autocast(args.device, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
     with precision:
-        if args.compile:
-            compile_layers(models.detector, args.compile)
+        if models.compiled:
             passes = warm_up(pipeline.runner)
             print(f"compiled {','.join(args.compile)}: warm-up passes took {' + '.join(f'{s:.1f}' for s in passes)} s")
         measure(pipeline, args)

@@ -16,7 +16,7 @@
 #   compiled-*  the core and the application with the layers compiled (`compile: true`), beside the core-*
 #              and app-* rows above; batches of 16 against 8 (core, and the application's max_batch_size) with a
 #              profile of the compiled batch and Serve's bare floor; then each model replica's start (load,
-#              warm-up and compile) from its log.
+#              warm-up and compile) from its log; compiled-vision-app compiles the ViT's layers alone.
 # STEPS (default "core app parity") chooses the groups or steps to run; STEP_TIMEOUT (seconds, default 300) bounds each
 # step, so one that hangs leaves time for the rest.
 set -uo pipefail
@@ -56,5 +56,7 @@ step compiled-app-many "${app[@]}" --only inprocess,http --configurations batche
 SHOW_LINES=40 step compiled-core-batches "${core[@]}" --max-instances 8 --compile all --batch-size 16,8 --profile
 step compiled-app-batches "${app[@]}" --only http,floor --configurations batched --max-instances 8 --compile on \
   --max-batch-size 8,16 --concurrency 1,32 --requests 96
+step compiled-vision-app "${app[@]}" --only http --configurations batched --max-instances 8 --compile on \
+  --compile-regions vision --max-batch-size 8,16 --concurrency 1,32 --requests 160
 SHOW_LINES=10 step compiled-starts grep -rh "ready in" /tmp/ray/ --include="*Sam3ModelPool*"
 SHOW_LINES=10 step compiled-core-many "${core[@]}" --compile all

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from client.errors import ModelNotFoundError
+from sam3_serve_core.compilation import REGIONS, RegionName
 
 
 class AppArgs(BaseModel):
@@ -39,6 +40,12 @@ class AppArgs(BaseModel):
         "decoder) into fused kernels. auto: on a GPU (about 1.4x the batched throughput of the full model on an "
         "H100; a replica compiles before it is ready, about 25 s more at start), not on a CPU. Answers move "
         "within rounding of the uncompiled model's.",
+    )
+    compile_regions: tuple[RegionName, ...] = Field(
+        tuple(REGIONS),
+        min_length=1,
+        description="With compile: the stacks of layers compiled, of vision (the ViT), detr_encoder and "
+        "detr_decoder. The detector's stacks see the prompt, so they add warm-up passes for box prompts.",
     )
     score_threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="Concept instances kept above it, unless a request sets its own."

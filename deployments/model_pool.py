@@ -99,7 +99,9 @@ class Sam3ModelPool:
     def _load_on_model_thread(self, model_id: str) -> LoadedModel:
         args = self._args
         started = time.perf_counter()
-        models = load_sam3(args.models[model_id], resolve_device(args.device), args.dtype, args.compile)
+        models = load_sam3(
+            args.models[model_id], resolve_device(args.device), args.dtype, args.compile, args.compile_regions
+        )
         runner = Sam3Runner(
             models,
             args.score_threshold,

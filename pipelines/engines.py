@@ -79,7 +79,7 @@ class PipelineSegmenter:
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
         self.pipeline = Sam3Pipeline(
-            load_sam3(args.checkpoint, resolve_device(args.device), args.dtype, args.compile),
+            load_sam3(args.checkpoint, resolve_device(args.device), args.dtype, args.compile, args.compile_regions),
             score_threshold=args.score_threshold,
             mask_chunk_pixels=args.mask_chunk_pixels,
             max_image_pixels=args.max_image_pixels,

@@ -25,7 +25,7 @@ from transformers.utils import CONFIG_NAME
 
 from client.errors import Sam3Error
 from sam3_serve_core.checkpoint_marker import is_tiny_checkpoint
-from sam3_serve_core.compilation import compile_layers
+from sam3_serve_core.compilation import REGIONS, compile_layers
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,12 @@ class Sam3Models:
     geometry: ModelGeometry
     device: torch.device
     dtype: torch.dtype
-    compiled: bool = False  # the repeated layers compile on their first passes (`compilation.compile_layers`)
+    # The stacks of layers that compile on their first passes (`compilation.compile_layers`); empty: none.
+    compiled_regions: tuple[str, ...] = ()
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.compiled_regions)
 
 
 def geometry_of(config: PretrainedConfig) -> ModelGeometry:
@@ -105,10 +110,14 @@ def resolve_compile(compile: bool | str, device: str) -> bool:
 
 
 def load_sam3(
-    checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool | str = False
+    checkpoint: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    compile: bool | str = False,
+    compile_regions: tuple[str, ...] = tuple(REGIONS),
 ) -> Sam3Models:
     """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode; with
-    `compile` (or `auto` on a GPU), mark the repeated layers for `torch.compile`."""
+    `compile` (or `auto` on a GPU), mark the layers of `compile_regions` for `torch.compile`."""
     dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
@@ -121,9 +130,9 @@ def load_sam3(
     target = torch.device(device)
     detector.to(target).eval()
     tracker.to(target).eval()
-    compiled = resolve_compile(compile, device)
-    if compiled:
-        compile_layers(detector)
+    compiled_regions = tuple(compile_regions) if resolve_compile(compile, device) else ()
+    if compiled_regions:
+        compile_layers(detector, compiled_regions)
     return Sam3Models(
         detector=detector,
         tracker=tracker,
@@ -131,7 +140,7 @@ def load_sam3(
         geometry=geometry_of(detector.config),
         device=target,
         dtype=torch_dtype,
-        compiled=compiled,
+        compiled_regions=compiled_regions,
     )
 
 

@@ -12,14 +12,23 @@ Compiled layers compute the same function with other kernels, so answers move wi
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from torch import nn
+
+RegionName = Literal["vision", "detr_encoder", "detr_decoder"]
 
 # Where each stack of repeated layers sits in `Sam3Model`.
-REGIONS: dict[str, str] = {
+REGIONS: dict[RegionName, str] = {
     "vision": "vision_encoder.backbone.layers",
     "detr_encoder": "detr_encoder.layers",
     "detr_decoder": "detr_decoder.layers",
 }
+
+
+# Stacks whose inputs carry the prompt (its tokens vary in number), so their graphs must see prompts of two lengths.
+PROMPT_REGIONS: frozenset[RegionName] = frozenset({"detr_encoder", "detr_decoder"})
 
 
 def compile_layers(detector: nn.Module, regions: tuple[str, ...] = tuple(REGIONS)) -> int:

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.protocol import SegmentRequest, SegmentResponse
 from sam3_serve_core.checkpoint import ModelGeometry, Sam3Models
+from sam3_serve_core.compilation import PROMPT_REGIONS
 from sam3_serve_core.failures import in_place, passing
 from sam3_serve_core.images import ImageSource, decode_image
 from sam3_serve_core.messages import PreparedItem
@@ -80,11 +81,12 @@ def prepare_item(
 def warm_up(runner: Sam3Runner) -> list[float]:
     """Forward passes of every head, before the first request pays for them. Returns each pass's seconds.
 
-    Uncompiled, one pass of a text and a point prompt warms both heads. With compiled layers (`compilation.compile_layers`) these passes are the compilation, and their order
-    makes it complete: a layer's first graph is specialised to the shapes it saw, and each later pass that
-    changes a dimension compiles a graph where that dimension is symbolic. The passes change the batch (one
-    prompt row, then several) and the prompt's length (box exemplars add tokens), in both orders, so no
-    request's shapes compile another graph.
+    Uncompiled, one pass of a text and a point prompt warms both heads. With compiled layers
+    (`compilation.compile_layers`) these passes are the compilation, and their order makes it complete: a
+    layer's first graph is specialised to the shapes it saw, and each later pass that changes a dimension
+    compiles a graph where that dimension is symbolic. The passes change the batch (one prompt row, then
+    several) and, where the compiled layers see the prompt, its length (box exemplars add tokens), in both
+    orders, so no request's shapes compile another graph.
     """
     models = runner.models
     size = models.geometry.image_size
@@ -100,6 +102,9 @@ def warm_up(runner: Sam3Runner) -> list[float]:
         batches = [
             [item(text="warm up")],
             [item(text="warm up"), item(text="warm up"), item(points=[[1, 1]], labels=[1])],
+        ]
+    if PROMPT_REGIONS & set(models.compiled_regions):
+        batches += [
             [item(boxes=one_box, labels=[1])],
             [item(boxes=one_box, labels=[1]), item(boxes=two_boxes, labels=[1, 0])],
         ]

@@ -24,6 +24,7 @@ import torch._dynamo.utils
 
 from benchmarks.bf16_parity import KINDS, measure_compiled
 from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core.compilation import REGIONS
 from sam3_serve_core.pipeline import prepare_item, warm_up
 from sam3_serve_core.runner import Sam3Runner
 from tests.conftest import random_image, tiny_checkpoint_dir
@@ -51,11 +52,12 @@ def test_compiled_layers_answer_as_the_uncompiled_model(agreement, kind):
     assert measured.flips <= FLIP_FRACTION * measured.queries
 
 
-def test_warm_up_compiles_every_graph_that_requests_need():
+@pytest.mark.parametrize("regions", [tuple(REGIONS), ("vision",)])
+def test_warm_up_compiles_every_graph_that_requests_need(regions):
     """In a fresh compiler state, as in a new replica: after `warm_up`, batches of every size and prompts of every
-    kind and length run on the graphs it compiled."""
+    kind and length run on the graphs it compiled (with the ViT alone compiled, without the box passes)."""
     torch._dynamo.reset()
-    models = load_sam3(str(tiny_checkpoint_dir(112)), compile=True)
+    models = load_sam3(str(tiny_checkpoint_dir(112)), compile=True, compile_regions=regions)
     assert models.compiled
     runner = Sam3Runner(models, score_threshold=0.5)
     warm_up(runner)

@@ -85,11 +85,13 @@ def test_compile_auto_means_on_a_gpu(setting, device, compiled):
     assert resolve_compile(setting, device) is compiled
 
 
-def test_compile_marks_only_the_repeated_layers(tiny112_dir):
-    models = load_sam3(str(tiny112_dir), compile=True)
-    assert models.compiled
+@pytest.mark.parametrize("regions", [tuple(REGIONS), ("vision",), ("detr_encoder", "detr_decoder")])
+def test_compile_marks_only_the_layers_of_its_regions(tiny112_dir, regions):
+    models = load_sam3(str(tiny112_dir), compile=True, compile_regions=regions)
+    assert models.compiled and models.compiled_regions == regions
     marked = {name for name, module in models.detector.named_modules() if module._compiled_call_impl is not None}
-    expected = {f"{stack}.{index}" for stack in REGIONS.values() for index in range(len(models.detector.get_submodule(stack)))}
+    stacks = [REGIONS[region] for region in regions]
+    expected = {f"{stack}.{index}" for stack in stacks for index in range(len(models.detector.get_submodule(stack)))}
     assert marked == expected
     assert not load_sam3(str(tiny112_dir)).compiled
 

@@ -42,6 +42,14 @@ def test_compile_refuses_other_words():
         AppArgs(compile="sometimes")
 
 
+def test_compile_regions_are_the_layer_stacks_the_model_has():
+    assert AppArgs(compile_regions=["vision"]).compile_regions == ("vision",)
+    with pytest.raises(ValidationError, match="compile_regions"):
+        AppArgs(compile_regions=["vision", "mask_decoder"])
+    with pytest.raises(ValidationError, match="compile_regions"):
+        AppArgs(compile_regions=[])
+
+
 def test_a_profile_checkpoint_replaces_the_default_models_only():
     args = {"models": {"sam3": "facebook/sam3", "tuned": "/models/tuned"}, "default_model": "sam3"}
     set_default_checkpoint(args, "/tmp/tiny")
