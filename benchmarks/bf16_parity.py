@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3
+from sam3_serve_core.compilation import REGIONS
 from sam3_serve_core.masks import concept_masks_to_uint8, tracker_masks_to_uint8
 from sam3_serve_core.messages import PreparedItem
 from sam3_serve_core.pipeline import prepare_item
@@ -202,10 +203,12 @@ def measure(checkpoint: str, device: str = "cpu") -> dict[str, dict[str, Agreeme
 
 
 def measure_compiled(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> dict[str, dict[str, Agreement]]:
-    """The compiled model's agreement with the uncompiled one, per prompt kind, in one dtype."""
+    """The agreement of the model with every stack of layers compiled (a superset of any `compile_regions`) with
+    the uncompiled one, per prompt kind, in one dtype."""
     eager = load_sam3(checkpoint, device=device, dtype=dtype)
     items = prepared_items(eager)
-    (reference, _), (outputs, failures) = run(eager, items), run(load_sam3(checkpoint, device, dtype, compile=True), items)
+    compiled = load_sam3(checkpoint, device, dtype, compile=True, compile_regions=tuple(REGIONS))
+    (reference, _), (outputs, failures) = run(eager, items), run(compiled, items)
     if failures:
         raise RuntimeError(f"the compiled model fails: {failures}")
     agreements = {kind: Agreement() for kind in KINDS}

@@ -75,7 +75,7 @@ from client.images import encode_image
 from client.rle import decode_mask
 from deployments.config import AppArgs, set_default_checkpoint
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_dtype
-from sam3_serve_core.compilation import REGIONS
+from sam3_serve_core.compilation import DEFAULT_REGIONS, REGIONS
 from sam3_serve_core.messages import ModelResult
 from sam3_serve_core.pipeline import Sam3Pipeline, prepare_request
 from sam3_serve_core.pipeline import warm_up as warm_up_model
@@ -374,7 +374,7 @@ def measure_in_process(checkpoint: Path, args, inputs: dict[str, list]) -> list[
         name, key = f"transformers in process, {label}", ("transformers", label)
         rows.append(time_sequential(name, cycling(images, segment), args.requests, IN_PROCESS_WARMUP, key, args.gpu))
     del segment
-    models = load_sam3(str(checkpoint), args.device, args.dtype, args.compile, args.compile_regions or tuple(REGIONS))
+    models = load_sam3(str(checkpoint), args.device, args.dtype, args.compile, args.compile_regions or DEFAULT_REGIONS)
     pipeline = Sam3Pipeline(models)
     warm_up_model(pipeline.runner)
 
@@ -940,7 +940,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--compile-regions",
         type=lambda value: value.split(","),
-        help=f"with the layers compiled: which stacks, of {','.join(REGIONS)} (compile_regions); default: all",
+        help=f"with the layers compiled: which stacks, of {','.join(REGIONS)} (compile_regions); "
+        f"default: {','.join(DEFAULT_REGIONS)}",
     )
     parser.add_argument("--markdown", action="store_true", help="print tables for benchmarks/RESULTS.md")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ from transformers.utils import CONFIG_NAME
 
 from client.errors import Sam3Error
 from sam3_serve_core.checkpoint_marker import is_tiny_checkpoint
-from sam3_serve_core.compilation import REGIONS, compile_layers
+from sam3_serve_core.compilation import DEFAULT_REGIONS, compile_layers
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def load_sam3(
     device: str = "cpu",
     dtype: str = "float32",
     compile: bool | str = False,
-    compile_regions: tuple[str, ...] = tuple(REGIONS),
+    compile_regions: tuple[str, ...] = DEFAULT_REGIONS,
 ) -> Sam3Models:
     """Load both heads from one checkpoint, share the ViT, move to `device`, and switch to eval mode; with
     `compile` (or `auto` on a GPU), mark the layers of `compile_regions` for `torch.compile`."""

@@ -27,6 +27,11 @@ REGIONS: dict[RegionName, str] = {
 }
 
 
+# What `compile: true` compiles unless told otherwise: the ViT, where the batch's time is. On an H100 (bf16,
+# batches of 8) compiling the detector's stacks as well added nothing measurable to throughput, and their
+# warm-up passes for box prompts added about 25 s to a replica's start (benchmarks/RESULTS.md).
+DEFAULT_REGIONS: tuple[RegionName, ...] = ("vision",)
+
 # Stacks whose inputs carry the prompt (its tokens vary in number), so their graphs must see prompts of two lengths.
 PROMPT_REGIONS: frozenset[RegionName] = frozenset({"detr_encoder", "detr_decoder"})
 
