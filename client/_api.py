@@ -8,7 +8,6 @@ Arguments become a `SegmentRequest` after cheap checks (the server re-validates 
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import time
 from abc import ABC, abstractmethod
@@ -16,7 +15,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import httpx
 import numpy as np
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from client.errors import ImageNotCachedError, InvalidPromptError, InvalidRequestError, RequestTimeoutError, Sam3Error
 from client.image_ids import ImageIds, image_key
 from client.images import ImageInput, encode_image
-from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse
+from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse, box_set_pairs
 from client.retry import RetryPolicy, call_with_retries
 from client.rle import decode_mask
 
@@ -35,20 +34,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 logger = logging.getLogger("client")
-
-
-class _GeometryPrompt(NamedTuple):
-    """How points and boxes are named and shaped in error messages and checks."""
-
-    singular: str
-    shape: str
-    size: int
-
-
-_GEOMETRY_PROMPTS = {
-    "points": _GeometryPrompt("point", "[x, y]", 2),
-    "boxes": _GeometryPrompt("box", "[x0, y0, x1, y1]", 4),
-}
 
 
 Texts = str | Sequence[str]
@@ -111,8 +96,7 @@ def prompt_request(
     points = _one_of("points", _as_list(points), "prompts", _as_list(prompts))
     boxes, labels = _as_list(boxes), _as_list(labels)
     box_sets = _box_sets(box_sets)
-    _check_prompt(text=text, points=points, boxes=boxes, labels=labels, box_sets=box_sets)
-    try:
+    try:  # the wire model checks the prompt (`protocol.check_prompt`)
         return SegmentRequest(
             image=b"",
             text=text,
@@ -487,77 +471,10 @@ def _as_list(value: Any) -> Any:
 
 
 def _box_sets(box_sets: BoxSets | None) -> list[dict[str, Any]] | None:
-    """Each box set as {"boxes", "labels"}: given as the wire model, a dict or a (boxes, labels) pair."""
+    """Each box set as {"boxes", "labels"}, the wire's form: given as the wire model, a dict or a (boxes, labels) pair."""
     if box_sets is None:
         return None
-    if not isinstance(box_sets, (list, tuple)) or not box_sets:
-        raise InvalidPromptError("box_sets must be a non-empty list of (boxes, labels) pairs")
-    normalized = []
-    for entry in box_sets:
-        if isinstance(entry, BoxExemplars):
-            entry = (entry.boxes, entry.labels)
-        elif isinstance(entry, dict):
-            entry = (entry.get("boxes"), entry.get("labels"))
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise InvalidPromptError(f"each box set must be (boxes, labels) or {{'boxes', 'labels'}}, got {entry!r}")
-        boxes, labels = _as_list(entry[0]), _as_list(entry[1])
-        _check_coordinates("boxes", boxes)
-        _check_labels("boxes", len(boxes), labels)
-        normalized.append({"boxes": boxes, "labels": labels})
-    return normalized
-
-
-def _check_prompt(*, text: Any, points: Any, boxes: Any, labels: Any, box_sets: Any = None) -> None:
-    given = {
-        name: value
-        for name, value in (("text", text), ("points", points), ("boxes", boxes), ("box_sets", box_sets))
-        if value is not None
-    }
-    if len(given) != 1:
-        raise InvalidPromptError(
-            f"give exactly one prompt type (text, points, boxes or box_sets), got {', '.join(given) or 'none'}"
-        )
-    if text is not None:
-        _check_text(text, labels)
-        return
-    if box_sets is not None:
-        if labels is not None:
-            raise InvalidPromptError("labels go inside each box set, not beside box_sets")
-        return
-    name, items = next(iter(given.items()))
-    _check_coordinates(name, items)
-    _check_labels(name, len(items), labels)
-
-
-def _check_text(text: Any, labels: Any) -> None:
-    texts = [text] if isinstance(text, str) else text
-    if not isinstance(texts, (list, tuple)) or not texts:
-        raise InvalidPromptError(f"text must be a non-empty string or a non-empty list of them, got {text!r}")
-    for each in texts:
-        if not isinstance(each, str) or not each.strip():
-            raise InvalidPromptError(f"text must be a non-empty string, got {each!r}")
-    if labels is not None:
-        raise InvalidPromptError("labels go with points or boxes, not with a text prompt")
-
-
-def _check_coordinates(name: str, items: Any) -> None:
-    prompt = _GEOMETRY_PROMPTS[name]
-    if not isinstance(items, (list, tuple)) or not items:
-        raise InvalidPromptError(f"{name} must be a non-empty list of {prompt.shape}")
-    if any(not isinstance(item, (list, tuple)) or len(item) != prompt.size for item in items):
-        raise InvalidPromptError(f"each {prompt.singular} must be {prompt.shape} ({prompt.size} numbers): {items!r}")
-    if any(isinstance(value, float) and not math.isfinite(value) for item in items for value in item):
-        raise InvalidPromptError(f"{name} must be finite numbers (no NaN or infinity): {items!r}")
-
-
-def _check_labels(name: str, count: int, labels: Any) -> None:
-    singular = _GEOMETRY_PROMPTS[name].singular
-    if labels is None:
-        raise InvalidPromptError(f"labels are required with {name}: one per {singular}, 1 = foreground, 0 = background")
-    if not isinstance(labels, (list, tuple)) or len(labels) != count:
-        raise InvalidPromptError(f"labels must have one entry per {singular}: {count} {name}, labels {labels!r}")
-    if any(label not in (0, 1) for label in labels):
-        raise InvalidPromptError(f"labels must be 0 (background) or 1 (foreground), got {labels!r}")
+    return [{"boxes": _as_list(boxes), "labels": _as_list(labels)} for boxes, labels in box_set_pairs(box_sets)]
 
 
 def _invalid_argument(error: ValidationError) -> InvalidRequestError:

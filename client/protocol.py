@@ -1,14 +1,20 @@
-"""The one wire format: request and response models shared by the server and both clients.
+"""The one wire format: request and response models shared by the server and both clients, and the prompt rules.
 
 Pydantic only (no torch, no Ray). Over HTTP the models travel as JSON, with the image bytes in base64;
-through a Ray Serve handle the same objects travel as they are. Unknown fields are refused.
+through a Ray Serve handle the same objects travel as they are. Unknown fields are refused, and a
+`SegmentRequest` holds only a well-formed prompt (`check_prompt`, which the model core applies to in-process
+callers too): a bad one raises `InvalidPromptError` wherever the request is made.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import numbers
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from client.errors import InvalidPromptError
 
 API_VERSION = "v1"
 SEGMENT_PATH = f"/{API_VERSION}/segment"
@@ -91,9 +97,10 @@ class SegmentRequest(WireModel):
     )
 
     @model_validator(mode="after")
-    def _one_image(self) -> SegmentRequest:
+    def _one_image_and_one_prompt(self) -> SegmentRequest:
         if (self.image is None) == (self.image_id is None):
             raise ValueError("send exactly one of `image` and `image_id`")
+        check_prompt(text=self.text, points=self.points, boxes=self.boxes, labels=self.labels, box_sets=self.box_sets)
         return self
 
     @property
@@ -166,3 +173,107 @@ class InfoResponse(WireModel):
     max_image_pixels: int = Field(description="Larger images are refused (413 image_too_large).")
     max_prompt_items: int = Field(description="Most points or boxes in one prompt, and most texts or box sets.")
     max_body_bytes: int = Field(description="Larger request bodies are refused (413 request_too_large).")
+
+
+# --- the prompt rules ---------------------------------------------------------------------------------
+
+
+class _Geometry(NamedTuple):
+    """How points and boxes are named and shaped in the rules' messages."""
+
+    singular: str
+    shape: str
+    size: int
+
+
+_GEOMETRY = {"points": _Geometry("point", "[x, y]", 2), "boxes": _Geometry("box", "[x0, y0, x1, y1]", 4)}
+
+
+def check_prompt(*, text: Any, points: Any, boxes: Any, labels: Any, box_sets: Any = None) -> None:
+    """The API's rules for one request's prompt, for every caller: exactly one prompt type; texts non-empty;
+    points and boxes non-empty lists of finite numbers, each with a label, 0 or 1. Raises `InvalidPromptError`.
+
+    The limits that depend on the image or the service (coordinates near the image, counts, token length)
+    are the model core's (`sam3_serve_core.prompts`).
+    """
+    given = {
+        name: value
+        for name, value in (("text", text), ("points", points), ("boxes", boxes), ("box_sets", box_sets))
+        if value is not None
+    }
+    if len(given) != 1:
+        raise InvalidPromptError(
+            f"give exactly one prompt type (text, points, boxes or box_sets), got {', '.join(given) or 'none'}"
+        )
+    name, value = next(iter(given.items()))
+    if name in ("text", "box_sets") and labels is not None:
+        carried = " (each box set carries its own)" if name == "box_sets" else ""
+        raise InvalidPromptError(f"labels go with points or boxes, not with {name}{carried}")
+    if name == "text":
+        check_texts(value)
+    elif name == "box_sets":
+        for set_boxes, set_labels in box_set_pairs(value):
+            check_geometry("boxes", set_boxes, set_labels)
+    else:
+        check_geometry(name, value, labels)
+
+
+def check_texts(text: Any) -> None:
+    """A concept: a non-empty string, or a non-empty list of them."""
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise InvalidPromptError(f"text must be a non-empty string or a non-empty list of them, got {text!r}")
+    for each in texts:
+        if not isinstance(each, str) or not each.strip():
+            raise InvalidPromptError(f"text must be a non-empty string, got {each!r}")
+
+
+def check_geometry(name: str, items: Any, labels: Any) -> None:
+    """`points` or `boxes`: a non-empty list of [x, y] or [x0, y0, x1, y1] finite numbers, with one label each
+    (1 foreground or positive, 0 background or negative). Arrays are read as their nested lists."""
+    geometry = _GEOMETRY[name]
+    items, labels = _plain(items), _plain(labels)
+    if not isinstance(items, (list, tuple)) or not items:
+        raise InvalidPromptError(f"{name} must be a non-empty list of {geometry.shape}")
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != geometry.size:
+            raise InvalidPromptError(f"each {geometry.singular} must be {geometry.shape} ({geometry.size} numbers): {items!r}")
+        if not all(_is_finite_number(value) for value in item):
+            raise InvalidPromptError(f"{name} must be finite numbers (no NaN or infinity): {items!r}")
+    if labels is None:
+        raise InvalidPromptError(
+            f"labels are required with {name}: one per {geometry.singular}, 1 = foreground, 0 = background"
+        )
+    if not isinstance(labels, (list, tuple)) or len(labels) != len(items):
+        raise InvalidPromptError(
+            f"labels must have one entry per {geometry.singular}: {len(items)} {name}, labels {labels!r}"
+        )
+    if any(not isinstance(label, numbers.Integral) or label not in (0, 1) for label in labels):
+        raise InvalidPromptError(f"labels must be 0 (background) or 1 (foreground), got {labels!r}")
+
+
+def box_set_pairs(box_sets: Any) -> list[tuple[Any, Any]]:
+    """Each box set as a (boxes, labels) pair, from the wire's `BoxExemplars`, a dict or a pair."""
+    if not isinstance(box_sets, (list, tuple)) or not box_sets:
+        raise InvalidPromptError("box_sets must be a non-empty list of (boxes, labels) pairs")
+    pairs = []
+    for entry in box_sets:
+        if isinstance(entry, BoxExemplars):
+            entry = (entry.boxes, entry.labels)
+        elif isinstance(entry, dict):
+            entry = (entry.get("boxes"), entry.get("labels"))
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise InvalidPromptError(f"each box set must be (boxes, labels) or {{'boxes', 'labels'}}, got {entry!r}")
+        pairs.append((entry[0], entry[1]))
+    return pairs
+
+
+def _plain(value: Any) -> Any:
+    """A numpy array (or anything with `tolist`) as nested Python lists; anything else as it is."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (list, tuple, str)) else value
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)

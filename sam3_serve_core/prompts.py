@@ -1,8 +1,9 @@
 """Prompt preparation: validate and convert text, box and point prompts into model inputs.
 
 Pure functions (torch, no model). They reproduce `Sam3Processor` (text, box exemplars) and
-`Sam3TrackerProcessor` (points) exactly, using the same float32 torch operations, and refuse input that
-would make the model raise or silently misbehave.
+`Sam3TrackerProcessor` (points) exactly, using the same float32 torch operations. The API's prompt rules are
+`client.protocol`'s, applied here to in-process callers too; what is added here is what depends on the image,
+the checkpoint or the service's limits, and input that would make the model raise or silently misbehave.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from client.errors import InvalidPromptError, PromptTooLongError
+from client.protocol import box_set_pairs, check_geometry, check_prompt, check_texts
 
 # The text `Sam3Processor` uses for a boxes-only prompt.
 BOXES_ONLY_TEXT = "visual"
@@ -49,8 +51,7 @@ Prompt = ConceptPrompt | PointPrompt
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> TokenizedText:
     """Tokenize to exactly `max_tokens`, as `Sam3Processor` does; refuse what it would truncate or break on."""
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidPromptError("text prompt must be a non-empty string")
+    check_texts([text])
     encoded = tokenizer(text, padding="max_length", max_length=max_tokens, return_tensors="np")
     length = encoded["input_ids"].shape[-1]
     if length > max_tokens:
@@ -63,34 +64,18 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> 
     )
 
 
-def _as_array(values, name: str, width: int) -> np.ndarray:
-    """A finite float32 [N, width] array, N >= 1, or an InvalidPromptError saying what is wrong."""
-    expected = f"{name} must be a list of [{', '.join(['number'] * width)}]"
+def _geometry_arrays(name: str, values, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Points or boxes that pass the API's rules as float32 [N, width] and int64 [N], refusing what float32
+    cannot hold (the model computes in it)."""
+    check_geometry(name, values, labels)
     try:
-        raw = np.asarray(values)
-    except (TypeError, ValueError) as error:
-        raise InvalidPromptError(expected) from error
-    if raw.dtype.kind not in "iuf":  # strings, None, booleans and ints too large for any number type
-        raise InvalidPromptError(expected)
-    if raw.ndim != 2 or raw.shape[1] != width or raw.shape[0] == 0:
-        raise InvalidPromptError(f"{name} must have shape [N, {width}] with N >= 1, got {list(raw.shape)}")
-    with np.errstate(over="ignore"):
-        array = raw.astype(np.float32)
+        with np.errstate(over="ignore"):
+            array = np.asarray(values, dtype=np.float64).astype(np.float32)
+    except OverflowError as error:  # an integer too large for any float
+        raise InvalidPromptError(f"{name} must be numbers within float32 range") from error
     if not np.isfinite(array).all():
         raise InvalidPromptError(f"{name} must be finite numbers within float32 range (no NaN or infinity)")
-    return array
-
-
-def _as_labels(labels, count: int, name: str) -> np.ndarray:
-    try:
-        array = np.asarray(labels)
-    except (TypeError, ValueError) as error:
-        raise InvalidPromptError(f"{name} must be a list of 0 or 1") from error
-    if array.ndim != 1 or array.shape[0] != count:
-        raise InvalidPromptError(f"{name} must be a list of {count} labels (one per item), got shape {list(array.shape)}")
-    if not np.isin(array, (0, 1)).all() or array.dtype.kind not in "iub":
-        raise InvalidPromptError(f"{name} must each be 0 (background / negative) or 1 (foreground / positive)")
-    return array.astype(np.int64)
+    return array, np.asarray(labels, dtype=np.int64)
 
 
 def _check_near_image(coordinates: np.ndarray, name: str, height: int, width: int) -> None:
@@ -113,9 +98,8 @@ def box_exemplars(boxes_xyxy, labels, height: int, width: int) -> tuple[np.ndarr
     Boxes must have positive area. Coordinates outside the image are kept as given (`Sam3Processor`
     does not clip either) up to one image size beyond each edge, and refused further out.
     """
-    boxes = _as_array(boxes_xyxy, "boxes", 4)
+    boxes, box_labels = _geometry_arrays("boxes", boxes_xyxy, labels)
     _check_near_image(boxes, "boxes", height, width)
-    box_labels = _as_labels(labels, boxes.shape[0], "box labels")
     if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
         raise InvalidPromptError("each box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
     xyxy = torch.from_numpy(boxes)
@@ -133,9 +117,8 @@ def scale_points(points_xy, labels, height: int, width: int, model_size: int) ->
     The factor is computed as the processor computes it with `return_tensors="pt"` (integer tensors
     divided in float32), which on some widths is one ulp off the correctly rounded `size / W`.
     """
-    points = _as_array(points_xy, "points", 2)
+    points, point_labels = _geometry_arrays("points", points_xy, labels)
     _check_near_image(points, "points", height, width)
-    point_labels = _as_labels(labels, points.shape[0], "point labels")
     scaled = torch.from_numpy(points)
     scaled[..., 0] = scaled[..., 0] * (model_size / torch.tensor(width))
     scaled[..., 1] = scaled[..., 1] * (model_size / torch.tensor(height))
@@ -177,54 +160,23 @@ def build_prompts(
     processors use them) up to one image size beyond each edge. `max_items` bounds how many points or
     boxes one prompt may hold, and how many texts or box sets one request may hold.
     """
-    given = [
-        name
-        for name, value in (("text", text), ("points", points), ("boxes", boxes), ("box_sets", box_sets))
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise InvalidPromptError(
-            "give exactly one prompt type: text, points (with labels), boxes (with labels) or box_sets; "
-            f"got {given or 'none'}"
-        )
-    if labels is not None and (text is not None or box_sets is not None):
-        raise InvalidPromptError(f"labels go with points or boxes, not with {given[0]} (box sets carry their own)")
+    check_prompt(text=text, points=points, boxes=boxes, labels=labels, box_sets=box_sets)
     if text is not None:
-        texts = _as_list_of_prompts(text, "text", max_items)
+        texts = [text] if isinstance(text, str) else list(text)
+        _check_count(len(texts), "text entries", max_items)
         return [ConceptPrompt(text=tokenize(tokenizer, each, text_max_tokens)) for each in texts]
     if box_sets is not None:
-        sets = _as_list_of_prompts(box_sets, "box_sets", max_items)
+        pairs = box_set_pairs(box_sets)
+        _check_count(len(pairs), "box_sets entries", max_items)
         return [
-            _box_prompt(*_boxes_and_labels(entry), tokenizer, text_max_tokens, height, width, max_items)
-            for entry in sets
+            _box_prompt(set_boxes, set_labels, tokenizer, text_max_tokens, height, width, max_items)
+            for set_boxes, set_labels in pairs
         ]
-    if labels is None:
-        raise InvalidPromptError(f"{given[0]} need labels: one per item, 1 = foreground, 0 = background")
     if boxes is not None:
         return [_box_prompt(boxes, labels, tokenizer, text_max_tokens, height, width, max_items)]
     scaled_points, point_labels = scale_points(points, labels, height, width, model_size)
     _check_count(len(point_labels), "points", max_items)
     return [PointPrompt(scaled_points, point_labels)]
-
-
-def _as_list_of_prompts(value, name: str, max_items: int | None) -> list:
-    """A single text stands for a list of one; a list must be non-empty and within `max_items`."""
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, (list, tuple)) or not values:
-        raise InvalidPromptError(f"{name} must be a non-empty list")
-    _check_count(len(values), f"{name} entries", max_items)
-    return list(values)
-
-
-def _boxes_and_labels(entry) -> tuple:
-    """A box set as the wire's `BoxExemplars`, a dict with `boxes` and `labels`, or a (boxes, labels) pair."""
-    if isinstance(entry, dict):
-        entry = (entry.get("boxes"), entry.get("labels"))
-    elif hasattr(entry, "boxes"):
-        entry = (entry.boxes, entry.labels)
-    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
-        raise InvalidPromptError("each box set needs boxes and labels: {'boxes': [[x0, y0, x1, y1], ...], 'labels': [1, ...]}")
-    return tuple(entry)
 
 
 def _box_prompt(boxes, labels, tokenizer, text_max_tokens: int, height: int, width: int, max_items) -> ConceptPrompt:

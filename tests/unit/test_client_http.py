@@ -563,7 +563,7 @@ def test_bad_images_are_refused(client, service, image_input, message):
         ({"text": "cat", "max_instances": -1}, "invalid prompt: max_instances: .*greater than or equal to 1"),
         ({"text": "cat", "max_instances": 2.5}, "invalid prompt: max_instances: .*valid integer"),
         ({"box_sets": [([[0, 0, 1, 1]], [1, 1])]}, "one entry per box"),
-        ({"box_sets": [([[0, 0, 1, 1]], [1])], "labels": [1]}, "labels go inside each box set"),
+        ({"box_sets": [([[0, 0, 1, 1]], [1])], "labels": [1]}, "not with box_sets \\(each box set carries its own"),
         ({"box_sets": [([[0, 0, 1, 1]], [1])], "text": "cat"}, "exactly one prompt type"),
         ({"box_sets": [[[0, 0, 1, 1]]]}, "each box set must be"),
     ],

@@ -587,11 +587,12 @@ def test_several_texts_and_box_sets_give_one_prompt_each_in_order(tokenizer):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"text": []}, "text must be a non-empty list"),
+        ({"text": []}, "text must be a non-empty string or a non-empty list"),
         ({"text": ["cat", " "]}, "non-empty string"),
         ({"text": ["cat", "dog", "cow"], "max_items": 2}, "3 text entries given; at most 2"),
         ({"box_sets": []}, "box_sets must be a non-empty list"),
-        ({"box_sets": [([[0, 0, 1, 1]], None)]}, "needs boxes and labels"),
+        ({"box_sets": [([[0, 0, 1, 1]], None)]}, "labels are required with boxes"),
+        ({"box_sets": [[[0, 0, 1, 1]]]}, "each box set must be"),
         ({"box_sets": [([[0, 0, 1, 1]], [1])], "labels": [1]}, "labels go with points or boxes"),
         ({"box_sets": [([[0, 0, 1, 1]], [1])] * 3, "max_items": 2}, "3 box_sets entries given; at most 2"),
         ({"text": "cat", "box_sets": [([[0, 0, 1, 1]], [1])]}, "exactly one prompt type"),

@@ -125,13 +125,21 @@ boxes_xyxy = st.lists(st.tuples(finite_floats, finite_floats, finite_floats, fin
 
 
 @st.composite
+def well_formed_prompts(draw) -> dict:
+    """One prompt type, as `check_prompt` requires: a text, or points or boxes with a 0/1 label each."""
+    kind = draw(st.sampled_from(["text", "points", "boxes"]))
+    if kind == "text":
+        return {"text": draw(st.text(min_size=1, max_size=50).filter(str.strip))}
+    size = 2 if kind == "points" else 4
+    items = draw(st.lists(st.lists(finite_floats, min_size=size, max_size=size), min_size=1, max_size=4))
+    return {kind: items, "labels": draw(st.lists(st.sampled_from([0, 1]), min_size=len(items), max_size=len(items)))}
+
+
+@st.composite
 def segment_requests(draw):
     return SegmentRequest(
         image=draw(st.binary(max_size=512) | st.just(b"")),
-        text=draw(st.none() | st.text(max_size=50)),
-        points=draw(st.none() | st.lists(st.lists(finite_floats, max_size=5), max_size=4)),
-        boxes=draw(st.none() | st.lists(st.lists(finite_floats, max_size=5), max_size=4)),
-        labels=draw(st.none() | st.lists(st.integers(), max_size=5)),
+        **draw(well_formed_prompts()),
         return_detections=draw(st.booleans()),
         timeout_s=draw(st.none() | st.floats(min_value=0, exclude_min=True, allow_infinity=False)),
     )

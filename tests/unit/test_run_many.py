@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from client import _api, handle_client
+from client import _api, handle_client, protocol
 from client._api import SegmentClient, segment_request
 from client.errors import (
     InvalidImageError,
@@ -168,8 +168,8 @@ def test_a_bad_prompt_raises_before_any_image_is_read_or_sent(method, prompt):
 
 def test_the_prompt_is_checked_once_for_all_images(monkeypatch):
     checks = []
-    check_prompt = _api._check_prompt
-    monkeypatch.setattr(_api, "_check_prompt", lambda **kwargs: checks.append(1) or check_prompt(**kwargs))
+    check_prompt = protocol.check_prompt
+    monkeypatch.setattr(protocol, "check_prompt", lambda **kwargs: checks.append(1) or check_prompt(**kwargs))
     FakeClient().run_many([image(height) for height in HEIGHTS], boxes=[[0, 0, 2, 2]], labels=[1])
     assert checks == [1]
 
