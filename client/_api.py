@@ -15,12 +15,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypedDict, TypeVar
 
 import httpx
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
+from typing_extensions import Unpack
 
 from client.errors import ImageNotCachedError, InvalidPromptError, InvalidRequestError, RequestTimeoutError, Sam3Error
 from client.image_ids import ImageIds, image_key
@@ -40,6 +41,17 @@ Texts = str | Sequence[str]
 BoxSets = Sequence[tuple[Coordinates, Sequence[int]] | dict[str, Any] | BoxExemplars]
 
 
+class PromptOptions(TypedDict, total=False):
+    """The keyword-only options of every call, beside client-api.txt's arguments (one definition for all)."""
+
+    model_id: str | None  # which of the service's checkpoints answers; none: its default
+    text_prompt: Texts | None  # client-api.txt's alias of `text`
+    prompts: Coordinates | None  # client-api.txt's alias of `points`
+    box_sets: BoxSets | None  # several box-exemplar sets, each a concept of its own (instead of `boxes`)
+    score_threshold: float | None  # replaces the service's (0.5) for this call
+    max_instances: int | None  # keep only this many concept instances, the highest scoring
+
+
 def segment_request(
     image_input: ImageInput | None,
     *,
@@ -48,14 +60,9 @@ def segment_request(
     boxes: Coordinates | None = None,
     labels: Sequence[int] | np.ndarray | None = None,
     timeout: float | None = None,
-    model_id: str | None = None,
-    text_prompt: Texts | None = None,
-    prompts: Coordinates | None = None,
-    box_sets: BoxSets | None = None,
-    score_threshold: float | None = None,
-    max_instances: int | None = None,
     return_detections: bool = True,
     http: httpx.Client | None = None,
+    **options: Unpack[PromptOptions],
 ) -> SegmentRequest:
     """The request for client-api.txt's arguments; prompts are checked first so a bad call fetches nothing."""
     request = prompt_request(
@@ -64,13 +71,8 @@ def segment_request(
         boxes=boxes,
         labels=labels,
         timeout=timeout,
-        model_id=model_id,
-        text_prompt=text_prompt,
-        prompts=prompts,
-        box_sets=box_sets,
-        score_threshold=score_threshold,
-        max_instances=max_instances,
         return_detections=return_detections,
+        **options,
     )
     return with_image(request, image_input, http=http)
 
@@ -82,20 +84,18 @@ def prompt_request(
     boxes: Coordinates | None = None,
     labels: Sequence[int] | np.ndarray | None = None,
     timeout: float | None = None,
-    model_id: str | None = None,
-    text_prompt: Texts | None = None,
-    prompts: Coordinates | None = None,
-    box_sets: BoxSets | None = None,
-    score_threshold: float | None = None,
-    max_instances: int | None = None,
     return_detections: bool = True,
+    **options: Unpack[PromptOptions],
 ) -> SegmentRequest:
     """Every check but the image's, with an empty image: bulk calls check their one prompt once, then `with_image`."""
+    unknown = sorted(set(options) - set(PromptOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     _check_timeout(timeout)
-    text = _one_of("text", _as_list(text), "text_prompt", _as_list(text_prompt))
-    points = _one_of("points", _as_list(points), "prompts", _as_list(prompts))
+    text = _one_of("text", _as_list(text), "text_prompt", _as_list(options.get("text_prompt")))
+    points = _one_of("points", _as_list(points), "prompts", _as_list(options.get("prompts")))
     boxes, labels = _as_list(boxes), _as_list(labels)
-    box_sets = _box_sets(box_sets)
+    box_sets = _box_sets(options.get("box_sets"))
     try:  # the wire model checks the prompt (`protocol.check_prompt`)
         return SegmentRequest(
             image=b"",
@@ -104,11 +104,11 @@ def prompt_request(
             boxes=boxes,
             labels=labels,
             box_sets=box_sets,
-            score_threshold=score_threshold,
-            max_instances=max_instances,
+            score_threshold=options.get("score_threshold"),
+            max_instances=options.get("max_instances"),
             return_detections=return_detections,
             timeout_s=timeout,
-            model_id=model_id,
+            model_id=options.get("model_id"),
         )
     except ValidationError as error:
         raise _invalid_argument(error) from error
@@ -173,38 +173,16 @@ class SegmentClient(ABC):
         boxes: Coordinates | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
         timeout: float | None = None,
-        *,
-        model_id: str | None = None,
-        text_prompt: Texts | None = None,
-        prompts: Coordinates | None = None,
-        box_sets: BoxSets | None = None,
-        score_threshold: float | None = None,
-        max_instances: int | None = None,
+        **options: Unpack[PromptOptions],
     ) -> np.ndarray:
         """The union mask (H, W) uint8, 255 = foreground; asks the server for no per-instance masks.
 
         `text` may be a list of concepts and `box_sets` several exemplar sets (one vision pass for all);
         `score_threshold` replaces the service's (0.5) for this call; `max_instances` keeps only that many
-        concept instances, the highest scoring (after the threshold), and the union covers only those.
+        concept instances, the highest scoring (after the threshold), and the union covers only those
+        (`PromptOptions` lists the keyword-only options).
         """
-        timeout = self._timeout_for(timeout)
-        request = segment_request(
-            image_input,
-            text=text,
-            points=points,
-            boxes=boxes,
-            labels=labels,
-            timeout=timeout,
-            model_id=model_id,
-            text_prompt=text_prompt,
-            prompts=prompts,
-            box_sets=box_sets,
-            score_threshold=score_threshold,
-            max_instances=max_instances,
-            return_detections=False,
-            http=self._image_http,
-        )
-        return union_mask(self._segment_with_retries(request, timeout))
+        return self._answer(union_mask, image_input, text, points, boxes, labels, timeout, options)
 
     def run_with_detections(
         self,
@@ -214,34 +192,11 @@ class SegmentClient(ABC):
         boxes: Coordinates | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
         timeout: float | None = None,
-        *,
-        model_id: str | None = None,
-        text_prompt: Texts | None = None,
-        prompts: Coordinates | None = None,
-        box_sets: BoxSets | None = None,
-        score_threshold: float | None = None,
-        max_instances: int | None = None,
+        **options: Unpack[PromptOptions],
     ) -> dict[str, Any]:
         """`union_mask`, `boxes`, `scores` (descending), `masks` and `labels` (the prompt each answers);
         point prompts give empty lists."""
-        timeout = self._timeout_for(timeout)
-        request = segment_request(
-            image_input,
-            text=text,
-            points=points,
-            boxes=boxes,
-            labels=labels,
-            timeout=timeout,
-            model_id=model_id,
-            text_prompt=text_prompt,
-            prompts=prompts,
-            box_sets=box_sets,
-            score_threshold=score_threshold,
-            max_instances=max_instances,
-            return_detections=True,
-            http=self._image_http,
-        )
-        return detections(self._segment_with_retries(request, timeout))
+        return self._answer(detections, image_input, text, points, boxes, labels, timeout, options)
 
     def segment_many(
         self, requests: Iterable[SegmentRequest], *, concurrency: int = 8
@@ -264,13 +219,8 @@ class SegmentClient(ABC):
         labels: Sequence[int] | np.ndarray | None = None,
         timeout: float | None = None,
         *,
-        model_id: str | None = None,
-        text_prompt: Texts | None = None,
-        prompts: Coordinates | None = None,
-        box_sets: BoxSets | None = None,
-        score_threshold: float | None = None,
-        max_instances: int | None = None,
         concurrency: int = 8,
+        **options: Unpack[PromptOptions],
     ) -> list[np.ndarray | Sam3Error]:
         """`run()` for every image with one prompt, `concurrency` images in flight; results in input order.
 
@@ -283,22 +233,7 @@ class SegmentClient(ABC):
                 if isinstance(mask, Sam3Error):
                     print(f"{path} failed: {mask}")
         """
-        _check_concurrency(concurrency)
-        request = prompt_request(
-            text=text,
-            points=points,
-            boxes=boxes,
-            labels=labels,
-            timeout=self._timeout_for(timeout),
-            model_id=model_id,
-            text_prompt=text_prompt,
-            prompts=prompts,
-            box_sets=box_sets,
-            score_threshold=score_threshold,
-            max_instances=max_instances,
-            return_detections=False,
-        )
-        return self._run_many(images, request, union_mask, concurrency)
+        return self._answer_many(union_mask, images, text, points, boxes, labels, timeout, concurrency, options)
 
     def run_many_with_detections(
         self,
@@ -309,15 +244,52 @@ class SegmentClient(ABC):
         labels: Sequence[int] | np.ndarray | None = None,
         timeout: float | None = None,
         *,
-        model_id: str | None = None,
-        text_prompt: Texts | None = None,
-        prompts: Coordinates | None = None,
-        box_sets: BoxSets | None = None,
-        score_threshold: float | None = None,
-        max_instances: int | None = None,
         concurrency: int = 8,
+        **options: Unpack[PromptOptions],
     ) -> list[dict[str, Any] | Sam3Error]:
         """`run_with_detections()` for every image, as `run_many()` does `run()`."""
+        return self._answer_many(detections, images, text, points, boxes, labels, timeout, concurrency, options)
+
+    def _answer(
+        self,
+        convert: Callable[[SegmentResponse], R],
+        image_input: ImageInput | None,
+        text: Texts | None,
+        points: Coordinates | None,
+        boxes: Coordinates | None,
+        labels: Sequence[int] | np.ndarray | None,
+        timeout: float | None,
+        options: PromptOptions,
+    ) -> R:
+        """One call: the request (`union_mask` asks for no per-instance masks), sent with retries, converted."""
+        timeout = self._timeout_for(timeout)
+        request = segment_request(
+            image_input,
+            text=text,
+            points=points,
+            boxes=boxes,
+            labels=labels,
+            timeout=timeout,
+            return_detections=convert is not union_mask,
+            http=self._image_http,
+            **options,
+        )
+        return convert(self._segment_with_retries(request, timeout))
+
+    def _answer_many(
+        self,
+        convert: Callable[[SegmentResponse], R],
+        images: Iterable[ImageInput],
+        text: Texts | None,
+        points: Coordinates | None,
+        boxes: Coordinates | None,
+        labels: Sequence[int] | np.ndarray | None,
+        timeout: float | None,
+        concurrency: int,
+        options: PromptOptions,
+    ) -> list[R | Sam3Error]:
+        """The prompt checked once, then every image encoded, sent and decoded in a worker, so file reads and
+        RLE decoding overlap too."""
         _check_concurrency(concurrency)
         request = prompt_request(
             text=text,
@@ -325,24 +297,9 @@ class SegmentClient(ABC):
             boxes=boxes,
             labels=labels,
             timeout=self._timeout_for(timeout),
-            model_id=model_id,
-            text_prompt=text_prompt,
-            prompts=prompts,
-            box_sets=box_sets,
-            score_threshold=score_threshold,
-            max_instances=max_instances,
-            return_detections=True,
+            return_detections=convert is not union_mask,
+            **options,
         )
-        return self._run_many(images, request, detections, concurrency)
-
-    def _run_many(
-        self,
-        images: Iterable[ImageInput],
-        request: SegmentRequest,
-        convert: Callable[[SegmentResponse], R],
-        concurrency: int,
-    ) -> list[R | Sam3Error]:
-        """Encoding, sending and decoding all happen in the worker, so file reads and RLE decoding overlap too."""
         _check_images(images)
 
         def one(image_input: ImageInput) -> R:

@@ -166,6 +166,22 @@ def test_a_bad_prompt_raises_before_any_image_is_read_or_sent(method, prompt):
     assert pulled == [] and client.calls == []
 
 
+@pytest.mark.parametrize("method", ["run", "run_with_detections", "run_many", "run_many_with_detections"])
+def test_every_call_takes_the_same_options_and_refuses_a_misspelt_one(method):
+    """One `PromptOptions` for the four calls: each option travels, and an unknown keyword is a TypeError
+    raised before anything is sent, as Python raises for a misspelt argument."""
+    client, sent = FakeClient(), []
+    segment = client._segment
+    client._segment = lambda request, timeout: sent.append(request) or segment(request, timeout)
+    images = [image(2)] if method.startswith("run_many") else image(2)
+    answer = getattr(client, method)(images, text_prompt="cat", model_id="sam3", score_threshold=0.3, max_instances=4)
+    assert not isinstance(answer[0] if isinstance(answer, list) else answer, Sam3Error)
+    assert [(r.text, r.model_id, r.score_threshold, r.max_instances) for r in sent] == [("cat", "sam3", 0.3, 4)]
+    with pytest.raises(TypeError, match="max_instance'"):
+        getattr(client, method)(images, text="cat", max_instance=3)
+    assert len(sent) == 1
+
+
 def test_the_prompt_is_checked_once_for_all_images(monkeypatch):
     checks = []
     check_prompt = protocol.check_prompt
