@@ -18,6 +18,7 @@ import argparse
 import glob
 import logging
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import yaml
+from pydantic import ValidationError
+from pydantic_settings import CliApp, CliSettingsSource
 from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FilenameProvider
@@ -250,18 +253,24 @@ def _check_application(app_name: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, field in JobConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = {"float": float, "int": int}.get(getattr(field.annotation, "__name__", ""), str)
-        default = "required" if field.is_required() else f"default {field.default}"
-        parser.add_argument(flag, dest=name, type=kind, required=field.is_required(), help=f"{field.description} ({default})")
-    namespace = parser.parse_args(argv)
-    values = {name: value for name, value in vars(namespace).items() if value is not None}
+    """`JobConfig` from the command line: pydantic-settings makes one `--kebab-case` flag per field, with its
+    type, default and description, and reads nothing else (no environment variables)."""
+    source = CliSettingsSource(
+        JobConfig,
+        cli_kebab_case=True,
+        cli_implicit_flags=False,
+        root_parser=argparse.ArgumentParser(
+            prog="python -m pipelines.segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        ),
+    )
     try:
-        return JobConfig(**values)
-    except ValueError as error:
-        parser.error(str(error))
+        return CliApp.run(JobConfig, cli_args=sys.argv[1:] if argv is None else argv, cli_settings_source=source)
+    except ValidationError as error:
+        problems = [
+            (f"--{str(item['loc'][0]).replace('_', '-')}: " if item["loc"] else "") + item["msg"].removeprefix("Value error, ")
+            for item in error.errors()
+        ]
+        source.root_parser.error("; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> None:
