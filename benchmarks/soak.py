@@ -1,7 +1,7 @@
 """Soak run: the mixed traffic of production, all at once, for a long time; not part of the test run.
 
     python -m benchmarks.soak [--minutes 30] [--sessions 4] [--http 8] [--bad-share 0.1] [--job-images 48]
-                              [--model-replicas 2] [--checkpoint DIR]
+                              [--model-replicas 2] [--checkpoint DIR] [--trace-ingress]
 
 Starts the application from serve_config.yaml's CPU profile with `--model-replicas` model replicas (with the
 tiny random-weight checkpoint unless --checkpoint is given: its masks are meaningless) on its own Ray
@@ -20,8 +20,11 @@ error; a job's (image, prompt) missing from its output or there twice), unexpect
 request not answered 200, a bad one not answered 4xx), p50/p99 latency, and the vision-feature cache's
 hit rate. Then each model, pre- and postprocessor replica's resident memory after `--warmup-s` of load
 (start) and at the end: flat means it grew by at most `FLAT_GROWTH_MB` or `FLAT_GROWTH_SHARE` of its start,
-whichever is more (allocator slack and the vision-feature cache filling, not a leak). Exits 1
-if anything was lost or unexpected or a replica's memory was not flat. Load goes to 127.0.0.1 only.
+whichever is more (allocator slack, not a leak), beyond what a model replica's vision-feature cache filled in
+that time (bounded by `vision_cache_bytes`, so not a leak either). Exits 1 if anything was lost or unexpected
+or a replica's memory was not flat. Load goes to 127.0.0.1 only. `--trace-ingress` also traces the ingress's
+Python allocations (tracemalloc) from the start reading and prints where they grew most: where its memory
+goes, at the cost of a slower ingress.
 """
 
 from __future__ import annotations
@@ -231,6 +234,45 @@ def replica_memory_mb() -> dict[str, float]:
     return memory
 
 
+def cache_mb_by_replica(replicas: int) -> dict[str, float]:
+    """MB each model replica's vision-feature caches hold, by its name among `replica_memory_mb`'s."""
+    stats = replica_stats(replicas, MODEL_POOL)
+    return {
+        f"{APP_NAME}#{MODEL_POOL}#{replica}": sum(cache["bytes_held"] for cache in held["vision_cache"].values()) / 1e6
+        for replica, held in stats.items()
+    }
+
+
+def _start_tracing(actor) -> None:
+    """Runs inside the ingress: trace Python allocations from now, against a first snapshot."""
+    import tracemalloc
+
+    tracemalloc.start(8)
+    actor.soak_snapshot = tracemalloc.take_snapshot()
+
+
+def _traced_growth(actor) -> str:
+    """Runs inside the ingress: the traced Python memory's growth since `_start_tracing`, and its top sources."""
+    import tracemalloc
+
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    differences = snapshot.compare_to(actor.soak_snapshot, "traceback")
+    grown = sum(difference.size_diff for difference in differences)
+    lines = [f"Python allocations traced in the ingress grew {grown / 1e6:+.1f} MB; where most:"]
+    for difference in differences[:12]:
+        frames = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno}" for frame in difference.traceback[:4])
+        lines.append(f"- {difference.size_diff / 1e6:+.2f} MB in {difference.count_diff:+d} blocks: {frames}")
+    return "\n".join(lines)
+
+
+def ingress_actor():
+    """The ingress replica's actor (one replica in the CPU profile)."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#Sam3Ingress#"):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise RuntimeError("no ingress replica found")
+
+
 def cache_hit_rate(replicas: int) -> str:
     """The share of vision-cache lookups that hit, over every model replica, once the load has stopped.
 
@@ -246,8 +288,9 @@ def cache_hit_rate(replicas: int) -> str:
     return f"{sum(cache['hits'] for cache in counts) / lookups:.1%} of {lookups} lookups hit; the caches hold {held_mb:.0f} MB"
 
 
-def is_flat(start_mb: float, end_mb: float) -> bool:
-    return end_mb - start_mb <= max(FLAT_GROWTH_MB, FLAT_GROWTH_SHARE * start_mb)
+def is_flat(start_mb: float, end_mb: float, cache_growth_mb: float = 0.0) -> bool:
+    """Grown by no more than the bound, beyond what the replica's vision-feature cache filled meanwhile."""
+    return end_mb - start_mb - max(cache_growth_mb, 0.0) <= max(FLAT_GROWTH_MB, FLAT_GROWTH_SHARE * start_mb)
 
 
 def main() -> None:
@@ -260,6 +303,9 @@ def main() -> None:
     parser.add_argument("--model-replicas", type=int, default=2)
     parser.add_argument("--checkpoint")
     parser.add_argument("--warmup-s", type=float, default=60, help="load before the start memory reading")
+    parser.add_argument(
+        "--trace-ingress", action="store_true", help="trace the ingress's Python allocations (tracemalloc) from the start"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sam3-soak-"))
     checkpoint = args.checkpoint or str(build_tiny_checkpoint(workdir / "tiny-112", image_size=112))
@@ -293,6 +339,9 @@ def main() -> None:
                 warmup_s = min(args.warmup_s, args.minutes * 30)
                 time.sleep(warmup_s)
                 memory_start = replica_memory_mb()
+                cache_start = cache_mb_by_replica(args.model_replicas)
+                if args.trace_ingress:
+                    ray.get(ingress_actor().__ray_call__.remote(_start_tracing))
                 time.sleep(args.minutes * 60 - warmup_s)
             finally:
                 stop.set()  # also when this thread failed: the workers stop instead of running on
@@ -300,7 +349,12 @@ def main() -> None:
                 task.result()  # a soak worker that crashed is a bug of the soak: let it show
         elapsed = time.monotonic() - started
         memory_end = replica_memory_mb()
-        failed = report(tallies, args, elapsed, cache_hit_rate(args.model_replicas), memory_idle, memory_start, memory_end)
+        cache_end = cache_mb_by_replica(args.model_replicas)
+        cache_growth = {name: cache_end.get(name, 0.0) - cache_start.get(name, 0.0) for name in memory_start}
+        memory = (memory_idle, memory_start, memory_end, cache_growth)
+        failed = report(tallies, args, elapsed, cache_hit_rate(args.model_replicas), *memory)
+        if args.trace_ingress:
+            print("\n" + ray.get(ingress_actor().__ray_call__.remote(_traced_growth)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -312,7 +366,7 @@ def percentile_ms(latencies_s: list[float], q: float) -> str:
 
 
 def report(tallies: dict[str, KindTally], args, elapsed: float, hit_rate: str, memory_idle: dict, memory_start: dict,
-           memory_end: dict) -> bool:  # fmt: skip
+           memory_end: dict, cache_growth: dict) -> bool:  # fmt: skip
     """Print the Markdown tables; True when something was lost or unexpected, or memory was not flat."""
     print(f"\nSoak of {elapsed / 60:.1f} min on {cpu_name()} (commit {git_commit()}): `python -m benchmarks.soak "
           f"--minutes {args.minutes:g} --sessions {args.sessions} --http {args.http} --bad-share {args.bad_share:g} "
@@ -332,18 +386,20 @@ def report(tallies: dict[str, KindTally], args, elapsed: float, hit_rate: str, m
         print(f"| {kind} | {sum(tally.answers.values()) + tally.lost} | {answers} | {tally.lost} | {unexpected} | {p50} | {p99} | {hits} |")
     print(f"\nVision-feature cache, all model replicas: {hit_rate}.\n")
     bound = f"{FLAT_GROWTH_MB:.0f} MB or {FLAT_GROWTH_SHARE:.0%}"
-    print(f"| replica | idle MB | start MB (after {args.warmup_s:.0f} s of load) | end MB | growth | flat (growth <= {bound}) |")
-    print("|---|---|---|---|---|---|")
+    print(f"| replica | idle MB | start MB (after {args.warmup_s:.0f} s of load) | end MB | growth | of it, cache filled "
+          f"| flat (the rest <= {bound}) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     not_flat = 0
     for name in sorted(memory_start):
         if name not in memory_end:
-            print(f"| {name} | {memory_idle.get(name, float('nan')):.0f} | {memory_start[name]:.0f} | replaced | | no |")
+            print(f"| {name} | {memory_idle.get(name, float('nan')):.0f} | {memory_start[name]:.0f} | replaced | | | no |")
             not_flat += 1
             continue
-        flat = is_flat(memory_start[name], memory_end[name])
+        flat = is_flat(memory_start[name], memory_end[name], cache_growth.get(name, 0.0))
         not_flat += not flat
+        cache = f"{cache_growth[name]:+.0f}" if name in cache_growth and MODEL_POOL in name else "-"
         print(f"| {name} | {memory_idle.get(name, float('nan')):.0f} | {memory_start[name]:.0f} | {memory_end[name]:.0f} "
-              f"| {memory_end[name] - memory_start[name]:+.0f} | {'yes' if flat else 'NO'} |")  # fmt: skip
+              f"| {memory_end[name] - memory_start[name]:+.0f} | {cache} | {'yes' if flat else 'NO'} |")  # fmt: skip
     lost = sum(tally.lost for tally in tallies.values())
     unexpected = sum(sum(tally.unexpected.values()) for tally in tallies.values())
     print(f"\nlost: {lost}, unexpected: {unexpected}, replicas not flat: {not_flat}")
