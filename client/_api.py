@@ -27,7 +27,7 @@ from client.errors import ImageNotCachedError, InvalidPromptError, InvalidReques
 from client.image_ids import ImageIds, image_key
 from client.images import ImageInput, encode_image
 from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse, box_set_pairs
-from client.retry import RetryPolicy, call_with_retries
+from client.retry import Plan, RetryPolicy, drive, retry_plan
 from client.rle import decode_mask
 
 Coordinates = Sequence[Sequence[float]] | np.ndarray
@@ -311,42 +311,22 @@ class SegmentClient(ABC):
         return self._segment_with_retries(request, self._timeout_for(request.timeout_s))
 
     def _segment_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
-        """An image sent before goes as its `image_id`; if the service has evicted it, the bytes go again, within
-        the same `timeout`. A request that already names an `image_id` goes as it is."""
-        if self._image_ids is None or request.image is None:
-            return self._send_with_retries(request, timeout)
-        key = image_key(request)
-        image_id = self._image_ids.get(key)
-        if image_id is not None:
-            by_id = request.model_copy(update={"image": None, "image_id": image_id})
-            started = self._clock()
-            try:
-                return self._send_with_retries(by_id, timeout)
-            except ImageNotCachedError as error:
-                self._image_ids.forget(key)
-                logger.info("image %s is no longer cached by the service: sending its bytes again", image_id)
-                if timeout is not None:
-                    timeout -= self._clock() - started
-                    if timeout <= 0:
-                        raise RequestTimeoutError(f"no time left to send image {image_id} again: {error}") from error
-        response = self._send_with_retries(request, timeout)
-        if response.image_id is not None:
-            self._image_ids.put(key, response.image_id)
-        return response
+        return drive(self._plan(request, timeout), self._attempt, self._sleep)
 
-    def _send_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
-        """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
-        response = call_with_retries(
-            lambda remaining: self._segment(request.model_copy(update={"timeout_s": remaining}), remaining),
+    def _plan(self, request: SegmentRequest, timeout: float | None) -> Plan:
+        return segment_plan(
+            request,
+            timeout,
+            image_ids=self._image_ids,
             policy=self.retry_policy,
-            timeout=timeout,
-            sleep=self._sleep,
             clock=self._clock,
             on_retry=self.on_retry,
+            on_response=self.on_response,
         )
-        if self.on_response is not None:
-            self.on_response(response)
-        return response
+
+    def _attempt(self, request: SegmentRequest, remaining: float | None) -> SegmentResponse:
+        """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
+        return self._segment(request.model_copy(update={"timeout_s": remaining}), remaining)
 
     @abstractmethod
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
@@ -355,6 +335,50 @@ class SegmentClient(ABC):
     def _timeout_for(self, timeout: float | None) -> float | None:
         """A per-call timeout overrides the client's default."""
         return self.timeout if timeout is None else timeout
+
+
+def segment_plan(
+    request: SegmentRequest,
+    timeout: float | None,
+    *,
+    image_ids: ImageIds | None,
+    policy: RetryPolicy,
+    clock: Callable[[], float],
+    on_retry: Callable[[Exception], None] | None,
+    on_response: Callable[[SegmentResponse], None] | None,
+) -> Plan:
+    """How every client answers one request (a plan: `client.retry`), whatever carries its attempts.
+
+    An image sent before goes as its `image_id`; if the service has evicted it, the bytes go again, within
+    the same `timeout`. A request that already names an `image_id` goes as it is. Each send is retried
+    under `policy`."""
+
+    def sent(ready: SegmentRequest, budget: float | None) -> Plan:
+        response = yield from retry_plan(ready, policy=policy, timeout=budget, clock=clock, on_retry=on_retry)
+        if on_response is not None:
+            on_response(response)
+        return response
+
+    if image_ids is None or request.image is None:
+        return (yield from sent(request, timeout))
+    key = image_key(request)
+    image_id = image_ids.get(key)
+    if image_id is not None:
+        by_id = request.model_copy(update={"image": None, "image_id": image_id})
+        started = clock()
+        try:
+            return (yield from sent(by_id, timeout))
+        except ImageNotCachedError as error:
+            image_ids.forget(key)
+            logger.info("image %s is no longer cached by the service: sending its bytes again", image_id)
+            if timeout is not None:
+                timeout -= clock() - started
+                if timeout <= 0:
+                    raise RequestTimeoutError(f"no time left to send image {image_id} again: {error}") from error
+    response = yield from sent(request, timeout)
+    if response.image_id is not None:
+        image_ids.put(key, response.image_id)
+    return response
 
 
 def _ordered_map(work: Callable[[T], R], items: Iterable[T], concurrency: int) -> Iterator[R | Sam3Error]:
