@@ -1,7 +1,8 @@
-"""Clients for the SAM 3 segmentation service: over HTTP, or over a Ray Serve handle inside a Ray cluster.
+"""Clients for the SAM 3 segmentation service: over HTTP (blocking, or asyncio), or over a Ray Serve handle
+inside a Ray cluster.
 
-Both implement the one API of client-api.txt (`run`, `run_with_detections`) and raise only the typed
-errors below. Importing this package needs light libraries only (no torch, no Ray).
+All three implement the one API of client-api.txt (`run`, `run_with_detections`; the asyncio client's are
+coroutines) and raise only the typed errors below. Importing this package needs light libraries only (no torch, no Ray).
 """
 
 from client.errors import (
@@ -19,11 +20,13 @@ from client.errors import (
     Sam3Error,
     ServiceUnavailableError,
 )
+from client.async_http_client import AsyncSam3HttpClient
 from client.handle_client import Sam3HandleClient
 from client.http_client import Sam3HttpClient
 from client.protocol import SegmentRequest, SegmentResponse
 
 __all__ = [
+    "AsyncSam3HttpClient",
     "AuthenticationError",
     "ConnectionFailedError",
     "ImageNotCachedError",

@@ -139,12 +139,9 @@ def detections(response: SegmentResponse) -> dict[str, Any]:
     }
 
 
-class SegmentClient(ABC):
-    """`run()`, `run_with_detections()` and their bulk forms for both clients; subclasses implement `_segment` only.
-
-    The bulk forms use threads: the HTTP client's `httpx.Client` is thread-safe and the handle client
-    blocks in `.result()`, so a thread per call in flight is all either needs.
-    """
+class ClientCore:
+    """What every client holds, blocking or asyncio: the call's budget, the retry policy, the images the
+    service knows by id, the hooks, and the plan of one call (`segment_plan`)."""
 
     def __init__(
         self,
@@ -158,12 +155,40 @@ class SegmentClient(ABC):
         self.retry_policy = retry_policy
         self._image_http = image_http
         self._image_ids = ImageIds() if reuse_images else None
-        self._sleep, self._clock = time.sleep, time.monotonic  # tests swap in a fake clock
+        self._clock = time.monotonic  # tests swap in a fake clock
         # Called with each error a call retries, from the thread making the call (the Ray job counts retries).
         self.on_retry: Callable[[Exception], None] | None = None
         # Called with each answer as it arrives, before it is decoded: its `timings_ms` (the server's time per
         # stage) and `image_id` are there, which `run()`'s arrays do not carry.
         self.on_response: Callable[[SegmentResponse], None] | None = None
+
+    def _plan(self, request: SegmentRequest, timeout: float | None) -> Plan:
+        return segment_plan(
+            request,
+            timeout,
+            image_ids=self._image_ids,
+            policy=self.retry_policy,
+            clock=self._clock,
+            on_retry=self.on_retry,
+            on_response=self.on_response,
+        )
+
+    def _timeout_for(self, timeout: float | None) -> float | None:
+        """A per-call timeout overrides the client's default."""
+        return self.timeout if timeout is None else timeout
+
+
+class SegmentClient(ClientCore, ABC):
+    """`run()`, `run_with_detections()` and their bulk forms for both blocking clients; subclasses implement
+    `_segment` only.
+
+    The bulk forms use threads: the HTTP client's `httpx.Client` is thread-safe and the handle client
+    blocks in `.result()`, so a thread per call in flight is all either needs.
+    """
+
+    def __init__(self, **core):
+        super().__init__(**core)
+        self._sleep = time.sleep  # tests swap in a fake clock
 
     def run(
         self,
@@ -207,7 +232,7 @@ class SegmentClient(ABC):
         Lazy and in input order; a request's `Sam3Error` comes in its place so one bad row does not end the job.
         The input is read at most `concurrency` ahead, so a generator of any length keeps memory flat.
         """
-        _check_concurrency(concurrency)
+        check_concurrency(concurrency)
         return _ordered_map(self._segment_one, requests, concurrency)
 
     def run_many(
@@ -290,7 +315,7 @@ class SegmentClient(ABC):
     ) -> list[R | Sam3Error]:
         """The prompt checked once, then every image encoded, sent and decoded in a worker, so file reads and
         RLE decoding overlap too."""
-        _check_concurrency(concurrency)
+        check_concurrency(concurrency)
         request = prompt_request(
             text=text,
             points=points,
@@ -300,7 +325,7 @@ class SegmentClient(ABC):
             return_detections=convert is not union_mask,
             **options,
         )
-        _check_images(images)
+        check_images(images)
 
         def one(image_input: ImageInput) -> R:
             return convert(self._segment_one(with_image(request, image_input, http=self._image_http)))
@@ -313,17 +338,6 @@ class SegmentClient(ABC):
     def _segment_with_retries(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         return drive(self._plan(request, timeout), self._attempt, self._sleep)
 
-    def _plan(self, request: SegmentRequest, timeout: float | None) -> Plan:
-        return segment_plan(
-            request,
-            timeout,
-            image_ids=self._image_ids,
-            policy=self.retry_policy,
-            clock=self._clock,
-            on_retry=self.on_retry,
-            on_response=self.on_response,
-        )
-
     def _attempt(self, request: SegmentRequest, remaining: float | None) -> SegmentResponse:
         """Each attempt carries the time left, so the server drops work the caller no longer waits for."""
         return self._segment(request.model_copy(update={"timeout_s": remaining}), remaining)
@@ -331,10 +345,6 @@ class SegmentClient(ABC):
     @abstractmethod
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         """Send one attempt and return its response, raising only `client.errors` types."""
-
-    def _timeout_for(self, timeout: float | None) -> float | None:
-        """A per-call timeout overrides the client's default."""
-        return self.timeout if timeout is None else timeout
 
 
 def segment_plan(
@@ -405,10 +415,10 @@ def _outcome(work: Callable[[T], R], item: T) -> R | Sam3Error:
     try:
         return work(item)
     except Sam3Error as error:
-        return _without_tracebacks(error)
+        return without_tracebacks(error)
 
 
-def _without_tracebacks(error: Sam3Error) -> Sam3Error:
+def without_tracebacks(error: Sam3Error) -> Sam3Error:
     """A kept error's traceback would keep its frames alive, and with them the encoded image."""
     seen: set[int] = set()
     cause: BaseException | None = error
@@ -419,12 +429,12 @@ def _without_tracebacks(error: Sam3Error) -> Sam3Error:
     return error
 
 
-def _check_concurrency(concurrency: int) -> None:
+def check_concurrency(concurrency: int) -> None:
     if isinstance(concurrency, bool) or not isinstance(concurrency, numbers.Integral) or concurrency < 1:
         raise InvalidRequestError(f"concurrency must be a positive integer, got {concurrency!r}")
 
 
-def _check_images(images: Any) -> None:
+def check_images(images: Any) -> None:
     """One image where a list belongs would otherwise be iterated as characters, bytes or pixel rows."""
     single = isinstance(images, (str, Path, bytes, bytearray, Image.Image))
     if single or (isinstance(images, np.ndarray) and images.ndim < 4):

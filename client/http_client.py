@@ -42,6 +42,53 @@ _ERRORS_BY_STATUS: dict[int, type[Sam3Error]] = {
 _MAX_BODY_IN_MESSAGE = 500
 
 
+class HttpApi:
+    """Where the service is, and how one call to it is made and read: one definition for the blocking and the
+    asyncio HTTP clients, which differ only in how they wait for the network."""
+
+    def __init__(self, base_url: str, route_prefix: str, api_key: str | None):
+        self.base_url = base_url.rstrip("/") + _normalized_prefix(route_prefix)
+        self._api_key = api_key
+
+    def prepare(self, path: str, json_body: str | None) -> tuple[str, dict[str, str], str]:
+        """The URL, the headers and the request id (sent as X-Request-Id: the server logs a failure under it)."""
+        request_id = uuid.uuid4().hex
+        return self.base_url + path, self._headers(json_body, request_id), request_id
+
+    def _headers(self, json_body: str | None, request_id: str) -> dict[str, str]:
+        """Per request, not on the httpx client, so image URLs fetched with it never see the API key."""
+        headers = {REQUEST_ID_HEADER: request_id}
+        if json_body is not None:
+            headers["content-type"] = "application/json"
+        if self._api_key is not None:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+
+def transport_failure(method: str, url: str, timeout: float | None, error: httpx.HTTPError, request_id: str) -> Sam3Error:
+    """A request that got no answer, as a `client.errors` type carrying its request id."""
+    failure = _transport_error(method, url, timeout, error)
+    failure.request_id = request_id
+    return failure
+
+
+def checked(response: httpx.Response, request_id: str) -> httpx.Response:
+    """The answer if it is a success; else its typed error, with the server's Retry-After and request id."""
+    if not response.is_success:
+        failure = _error_from_response(response)
+        failure.retry_after_s = _retry_after_s(response)
+        failure.request_id = response.headers.get(REQUEST_ID_HEADER, request_id)
+        raise failure
+    return response
+
+
+def segment_response(response: httpx.Response) -> SegmentResponse:
+    try:
+        return SegmentResponse.model_validate_json(response.content)
+    except ValidationError as error:
+        raise Sam3Error(f"malformed response from {response.request.url}: {error}") from error
+
+
 class Sam3HttpClient(SegmentClient):
     """Segment images through the service's HTTP API; one connection pool, so reuse the client."""
 
@@ -73,8 +120,8 @@ class Sam3HttpClient(SegmentClient):
             image_http=self._http,
             reuse_images=reuse_images,
         )
-        self.base_url = base_url.rstrip("/") + _normalized_prefix(route_prefix)
-        self._api_key = api_key
+        self._api = HttpApi(base_url, route_prefix, api_key)
+        self.base_url = self._api.base_url
 
     def health(self) -> bool:
         """True when the service answers its health check (the ingress is up); never raises nor retries."""
@@ -102,39 +149,16 @@ class Sam3HttpClient(SegmentClient):
         self.close()
 
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
-        response = self._send("POST", SEGMENT_PATH, timeout=timeout, json_body=request.model_dump_json())
-        try:
-            return SegmentResponse.model_validate_json(response.content)
-        except ValidationError as error:
-            raise Sam3Error(f"malformed response from {response.request.url}: {error}") from error
+        return segment_response(self._send("POST", SEGMENT_PATH, timeout=timeout, json_body=request.model_dump_json()))
 
     def _send(self, method: str, path: str, *, timeout: float | None, json_body: str | None = None) -> httpx.Response:
         """The network layer: one request, every failure as a `client.errors` type."""
-        url = self.base_url + path
-        request_id = uuid.uuid4().hex  # sent as X-Request-Id: the server logs a failure under it
+        url, headers, request_id = self._api.prepare(path, json_body)
         try:
-            response = self._http.request(
-                method, url, content=json_body, headers=self._headers(json_body, request_id), timeout=timeout
-            )
+            response = self._http.request(method, url, content=json_body, headers=headers, timeout=timeout)
         except httpx.HTTPError as error:
-            failure = _transport_error(method, url, timeout, error)
-            failure.request_id = request_id
-            raise failure from error
-        if not response.is_success:
-            failure = _error_from_response(response)
-            failure.retry_after_s = _retry_after_s(response)
-            failure.request_id = response.headers.get(REQUEST_ID_HEADER, request_id)
-            raise failure
-        return response
-
-    def _headers(self, json_body: str | None, request_id: str) -> dict[str, str]:
-        """Per request, not on the httpx client, so image URLs fetched with it never see the API key."""
-        headers = {REQUEST_ID_HEADER: request_id}
-        if json_body is not None:
-            headers["content-type"] = "application/json"
-        if self._api_key is not None:
-            headers["authorization"] = f"Bearer {self._api_key}"
-        return headers
+            raise transport_failure(method, url, timeout, error, request_id) from error
+        return checked(response, request_id)
 
 
 def _normalized_prefix(route_prefix: str) -> str:

@@ -8,11 +8,13 @@ compositions (`tests/answers.py`), not to another answer bit for bit.
 
 from __future__ import annotations
 
+import asyncio
 from functools import lru_cache
 
 import numpy as np
 import pytest
 
+from client import AsyncSam3HttpClient
 from client.errors import InvalidImageError
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
@@ -92,3 +94,28 @@ def test_the_two_clients_agree_on_a_bulk_call(http_client, handle_client, images
             assert_close_answer(b, expected)
         else:
             assert type(a) is type(b) is InvalidImageError
+
+
+def test_64_tasks_of_one_event_loop_get_the_blocking_clients_answers(app_url, http_client, tiny112_dir):
+    """`AsyncSam3HttpClient` from 64 tasks at once in one event loop, against the blocking client's own answers:
+    each image's two answers have the same keys and size and both are within the bounds of the in-process
+    answer (the 64 requests share model batches, so bounds, not bits). Every request sends its bytes
+    (`reuse_images=False`); repeats of an image may be answered from the service's vision-feature cache."""
+    images = [random_image(60 + 5 * index, 100 - 3 * index, seed=200 + index) for index in range(16)]
+
+    async def answers() -> list:
+        async with AsyncSam3HttpClient(app_url, timeout=120, reuse_images=False) as client:
+            calls = (client.run_with_detections(images[index % 16], text=TEXTS, score_threshold=0.3) for index in range(64))
+            return await asyncio.gather(*calls)
+
+    concurrent = asyncio.run(answers())
+    blocking = [http_client.run_with_detections(image, text=TEXTS, score_threshold=0.3) for image in images]
+    instances = 0
+    for index, answer in enumerate(concurrent):
+        image, alone = images[index % 16], blocking[index % 16]
+        expected = expected_for(str(tiny112_dir), image, text=TEXTS, score_threshold=0.3)
+        assert list(answer) == list(alone) and answer["union_mask"].shape == alone["union_mask"].shape
+        assert_close_answer(answer, expected)
+        assert_close_answer(alone, expected)
+        instances += len(answer["masks"])
+    assert instances > 0, "no instances at all: the comparison would say little"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from client.errors import (
     Sam3Error,
     ServiceUnavailableError,
 )
+from client.async_http_client import AsyncSam3HttpClient
 from client.http_client import Sam3HttpClient
 from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, SegmentRequest, SegmentResponse
 from client.rle import encode_mask
@@ -97,16 +99,71 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def fake_client(service: FakeService, clock: FakeClock, **kwargs) -> Sam3HttpClient:
-    """A client of the fake service whose retries wait on the fake clock."""
-    client = Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service), **kwargs)
-    client._sleep, client._clock = clock.sleep, clock.clock
-    return client
+class BlockingView:
+    """`AsyncSam3HttpClient` called from blocking code (an event loop per call), so that the blocking client's
+    behaviour tests hold the asyncio client too: the same requests on the wire, answers, errors and retries."""
+
+    def __init__(self, client: AsyncSam3HttpClient) -> None:
+        object.__setattr__(self, "client", client)
+
+    def run(self, *args, **kwargs):
+        return asyncio.run(self.client.run(*args, **kwargs))
+
+    def run_with_detections(self, *args, **kwargs):
+        return asyncio.run(self.client.run_with_detections(*args, **kwargs))
+
+    def run_many(self, *args, **kwargs) -> list:
+        return asyncio.run(_collect(lambda: self.client.run_many(*args, **kwargs)))
+
+    def run_many_with_detections(self, *args, **kwargs) -> list:
+        return asyncio.run(_collect(lambda: self.client.run_many_with_detections(*args, **kwargs)))
+
+    def health(self) -> bool:
+        return asyncio.run(self.client.health())
+
+    def ready(self) -> bool:
+        return asyncio.run(self.client.ready())
+
+    def close(self) -> None:
+        asyncio.run(self.client.aclose())
+
+    def __enter__(self) -> BlockingView:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.client, name, value)
 
 
-@pytest.fixture
-def client(service: FakeService, clock: FakeClock) -> Sam3HttpClient:
-    with fake_client(service, clock) as client:
+async def _collect(make_iterator) -> list:
+    """The async iterator's items; made inside the loop, so a bad prompt raises from here as the blocking call's does."""
+    return [item async for item in make_iterator()]
+
+
+def fake_client(service: FakeService, clock: FakeClock, kind: str = "blocking", **kwargs) -> Sam3HttpClient:
+    """A client of the fake service whose retries wait on the fake clock: the blocking one, or the asyncio one
+    seen through `BlockingView`."""
+    if kind == "blocking":
+        client = Sam3HttpClient(BASE_URL, transport=httpx.MockTransport(service), **kwargs)
+        client._sleep, client._clock = clock.sleep, clock.clock
+        return client
+    client = AsyncSam3HttpClient(BASE_URL, transport=httpx.MockTransport(service), **kwargs)
+
+    async def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+
+    client._sleep, client._clock = sleep, clock.clock
+    return BlockingView(client)
+
+
+@pytest.fixture(params=["blocking", "asyncio"])
+def client(request, service: FakeService, clock: FakeClock) -> Sam3HttpClient:
+    with fake_client(service, clock, request.param) as client:
         yield client
 
 
@@ -366,7 +423,7 @@ def answers(*responses: httpx.Response | Exception) -> Callable[[httpx.Request],
         outcome = pending.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        return httpx.Response(outcome.status_code, headers=outcome.headers, content=outcome.content)  # unread
 
     return answer
 

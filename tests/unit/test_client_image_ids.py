@@ -71,9 +71,9 @@ def service() -> CachingService:
     return CachingService()
 
 
-@pytest.fixture
-def client(service, clock):
-    with fake_http_client(service, clock) as client:
+@pytest.fixture(params=["blocking", "asyncio"])
+def client(request, service, clock):
+    with fake_http_client(service, clock, request.param) as client:
         yield client
 
 
@@ -173,10 +173,12 @@ def test_run_many_sends_a_repeated_image_once(client, service):
     assert service.shapes() == ["bytes", "id", "bytes", "id"]
 
 
-def test_segment_many_sends_a_callers_image_id_as_it_is(client, service):
+def test_segment_many_sends_a_callers_image_id_as_it_is(service, clock):
+    """`segment_many` (rows that each have their own prompt, for Ray jobs) is the blocking clients'."""
     service.evicted.add(id_of(BLUE))
     requests = [SegmentRequest(image_id=id_of(RED), text="cat"), SegmentRequest(image_id=id_of(BLUE), text="cat")]
-    found, evicted = client.segment_many(requests)
+    with fake_http_client(service, clock) as client:
+        found, evicted = client.segment_many(requests)
     assert isinstance(found, SegmentResponse) and found.image_id == id_of(RED)
     assert isinstance(evicted, ImageNotCachedError), "the caller holds no bytes to resend"
     # segment_many sends concurrently: each request goes once, as it is, in no guaranteed order.
