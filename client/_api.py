@@ -177,6 +177,35 @@ class ClientCore:
         """A per-call timeout overrides the client's default."""
         return self.timeout if timeout is None else timeout
 
+    def _checked(
+        self,
+        convert: Callable[[SegmentResponse], Any],
+        timeout: float | None,
+        text: Texts | None,
+        points: Coordinates | None,
+        boxes: Coordinates | None,
+        labels: Sequence[int] | np.ndarray | None,
+        options: PromptOptions,
+    ) -> SegmentRequest:
+        """What every call does first, before any image is read: the prompt checked and the request built, with
+        no image yet (`with_image` adds it); it asks for per-instance masks unless `convert` is `union_mask`."""
+        return prompt_request(
+            text=text,
+            points=points,
+            boxes=boxes,
+            labels=labels,
+            timeout=timeout,
+            return_detections=convert is not union_mask,
+            **options,
+        )
+
+    def _checked_bulk(self, convert, images, timeout, concurrency, text, points, boxes, labels, options) -> SegmentRequest:
+        """`_checked` for a bulk call, which also checks `concurrency` and that `images` is a collection."""
+        check_concurrency(concurrency)
+        request = self._checked(convert, self._timeout_for(timeout), text, points, boxes, labels, options)
+        check_images(images)
+        return request
+
 
 class SegmentClient(ClientCore, ABC):
     """`run()`, `run_with_detections()` and their bulk forms for both blocking clients; subclasses implement
@@ -286,19 +315,10 @@ class SegmentClient(ClientCore, ABC):
         timeout: float | None,
         options: PromptOptions,
     ) -> R:
-        """One call: the request (`union_mask` asks for no per-instance masks), sent with retries, converted."""
+        """One call: the request, sent with retries, converted."""
         timeout = self._timeout_for(timeout)
-        request = segment_request(
-            image_input,
-            text=text,
-            points=points,
-            boxes=boxes,
-            labels=labels,
-            timeout=timeout,
-            return_detections=convert is not union_mask,
-            http=self._image_http,
-            **options,
-        )
+        request = self._checked(convert, timeout, text, points, boxes, labels, options)
+        request = with_image(request, image_input, http=self._image_http)
         return convert(self._segment_with_retries(request, timeout))
 
     def _answer_many(
@@ -315,17 +335,7 @@ class SegmentClient(ClientCore, ABC):
     ) -> list[R | Sam3Error]:
         """The prompt checked once, then every image encoded, sent and decoded in a worker, so file reads and
         RLE decoding overlap too."""
-        check_concurrency(concurrency)
-        request = prompt_request(
-            text=text,
-            points=points,
-            boxes=boxes,
-            labels=labels,
-            timeout=self._timeout_for(timeout),
-            return_detections=convert is not union_mask,
-            **options,
-        )
-        check_images(images)
+        request = self._checked_bulk(convert, images, timeout, concurrency, text, points, boxes, labels, options)
 
         def one(image_input: ImageInput) -> R:
             return convert(self._segment_one(with_image(request, image_input, http=self._image_http)))

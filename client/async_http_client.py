@@ -25,10 +25,7 @@ from client._api import (
     Coordinates,
     PromptOptions,
     Texts,
-    check_concurrency,
-    check_images,
     detections,
-    prompt_request,
     union_mask,
     with_image,
     without_tracebacks,
@@ -86,11 +83,7 @@ class AsyncSam3HttpClient(ClientCore):
         **options: Unpack[PromptOptions],
     ) -> np.ndarray:
         """`Sam3HttpClient.run`, awaited: the union mask (H, W) uint8, 255 = foreground."""
-        timeout = self._timeout_for(timeout)
-        request = prompt_request(
-            text=text, points=points, boxes=boxes, labels=labels, timeout=timeout, return_detections=False, **options
-        )
-        return await self._answer(union_mask, request, image_input, timeout)
+        return await self._call(union_mask, image_input, text, points, boxes, labels, timeout, options)
 
     async def run_with_detections(
         self,
@@ -103,11 +96,7 @@ class AsyncSam3HttpClient(ClientCore):
         **options: Unpack[PromptOptions],
     ) -> dict[str, Any]:
         """`Sam3HttpClient.run_with_detections`, awaited: `union_mask`, `boxes`, `scores`, `masks`, `labels`."""
-        timeout = self._timeout_for(timeout)
-        request = prompt_request(
-            text=text, points=points, boxes=boxes, labels=labels, timeout=timeout, return_detections=True, **options
-        )
-        return await self._answer(detections, request, image_input, timeout)
+        return await self._call(detections, image_input, text, points, boxes, labels, timeout, options)
 
     def run_many(
         self,
@@ -176,18 +165,8 @@ class AsyncSam3HttpClient(ClientCore):
         options: PromptOptions,
     ) -> AsyncIterator[R | Sam3Error]:
         """The prompt checked once, now; each image then encoded, sent and decoded in its own task."""
-        check_concurrency(concurrency)
+        request = self._checked_bulk(convert, images, timeout, concurrency, text, points, boxes, labels, options)
         timeout = self._timeout_for(timeout)
-        request = prompt_request(
-            text=text,
-            points=points,
-            boxes=boxes,
-            labels=labels,
-            timeout=timeout,
-            return_detections=convert is not union_mask,
-            **options,
-        )
-        check_images(images)
 
         async def outcome(image_input: ImageInput) -> R | Sam3Error:
             try:
@@ -196,6 +175,21 @@ class AsyncSam3HttpClient(ClientCore):
                 return without_tracebacks(error)
 
         return _ordered_map(outcome, images, concurrency)
+
+    async def _call(
+        self,
+        convert: Callable[[SegmentResponse], R],
+        image_input: ImageInput | None,
+        text: Texts | None,
+        points: Coordinates | None,
+        boxes: Coordinates | None,
+        labels: Sequence[int] | np.ndarray | None,
+        timeout: float | None,
+        options: PromptOptions,
+    ) -> R:
+        timeout = self._timeout_for(timeout)
+        request = self._checked(convert, timeout, text, points, boxes, labels, options)
+        return await self._answer(convert, request, image_input, timeout)
 
     async def _answer(
         self, convert: Callable[[SegmentResponse], R], request: SegmentRequest, image_input: ImageInput, timeout: float | None
