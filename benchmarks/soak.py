@@ -234,13 +234,20 @@ def replica_memory_mb() -> dict[str, float]:
     return memory
 
 
-def cache_mb_by_replica(replicas: int) -> dict[str, float]:
-    """MB each model replica's vision-feature caches hold, by its name among `replica_memory_mb`'s."""
-    stats = replica_stats(replicas, MODEL_POOL)
-    return {
-        f"{APP_NAME}#{MODEL_POOL}#{replica}": sum(cache["bytes_held"] for cache in held["vision_cache"].values()) / 1e6
-        for replica, held in stats.items()
-    }
+def cache_mb_by_replica(replicas: int, patience_s: float = 60) -> dict[str, float]:
+    """MB each model replica's vision-feature caches hold, by its name among `replica_memory_mb`'s.
+
+    Calls that name no image go to the less busy of two replicas, so under load one replica may answer them
+    all for a while: this asks for up to `patience_s`, and a replica that has not answered by then is left out
+    (it is then judged on its whole growth, with no allowance for its cache)."""
+    handle = serve.get_deployment_handle(MODEL_POOL, app_name=APP_NAME)
+    held: dict[str, float] = {}
+    deadline = time.monotonic() + patience_s
+    while len(held) < replicas and time.monotonic() < deadline:
+        stats = handle.stats.remote().result(timeout_s=60)
+        caches = stats["vision_cache"].values()
+        held[f"{APP_NAME}#{MODEL_POOL}#{stats['replica']}"] = sum(cache["bytes_held"] for cache in caches) / 1e6
+    return held
 
 
 def _start_tracing(actor) -> None:
@@ -260,7 +267,8 @@ def _traced_growth(actor) -> str:
     grown = sum(difference.size_diff for difference in differences)
     lines = [f"Python allocations traced in the ingress grew {grown / 1e6:+.1f} MB; where most:"]
     for difference in differences[:12]:
-        frames = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno}" for frame in difference.traceback[:4])
+        recent_first = reversed(difference.traceback[-4:])  # a traceback runs from the oldest frame
+        frames = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno}" for frame in recent_first)
         lines.append(f"- {difference.size_diff / 1e6:+.2f} MB in {difference.count_diff:+d} blocks: {frames}")
     return "\n".join(lines)
 
@@ -350,7 +358,7 @@ def main() -> None:
         elapsed = time.monotonic() - started
         memory_end = replica_memory_mb()
         cache_end = cache_mb_by_replica(args.model_replicas)
-        cache_growth = {name: cache_end.get(name, 0.0) - cache_start.get(name, 0.0) for name in memory_start}
+        cache_growth = {name: cache_end[name] - cache_start[name] for name in cache_start.keys() & cache_end.keys()}
         memory = (memory_idle, memory_start, memory_end, cache_growth)
         failed = report(tallies, args, elapsed, cache_hit_rate(args.model_replicas), *memory)
         if args.trace_ingress:

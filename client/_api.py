@@ -26,7 +26,7 @@ from typing_extensions import Unpack
 from client.errors import ImageNotCachedError, InvalidPromptError, InvalidRequestError, RequestTimeoutError, Sam3Error
 from client.image_ids import ImageIds, image_key
 from client.images import ImageInput, encode_image
-from client.protocol import BoxExemplars, SegmentRequest, SegmentResponse, box_set_pairs
+from client.protocol import BoxExemplars, Polygon, SegmentRequest, SegmentResponse, box_set_pairs
 from client.retry import Plan, RetryPolicy, drive, retry_plan
 from client.rle import decode_mask
 
@@ -50,6 +50,8 @@ class PromptOptions(TypedDict, total=False):
     box_sets: BoxSets | None  # several box-exemplar sets, each a concept of its own (instead of `boxes`)
     score_threshold: float | None  # replaces the service's (0.5) for this call
     max_instances: int | None  # keep only this many concept instances, the highest scoring
+    polygons: bool  # run_with_detections: also each instance's outline (and the union's) as polygons
+    polygon_tolerance: float | None  # how many pixels a simplified polygon may stray (default 1)
 
 
 def segment_request(
@@ -107,6 +109,8 @@ def prompt_request(
             score_threshold=options.get("score_threshold"),
             max_instances=options.get("max_instances"),
             return_detections=return_detections,
+            polygons=options.get("polygons", False),
+            polygon_tolerance=1.0 if options.get("polygon_tolerance") is None else options["polygon_tolerance"],
             timeout_s=timeout,
             model_id=options.get("model_id"),
         )
@@ -128,14 +132,28 @@ def union_mask(response: SegmentResponse) -> np.ndarray:
 def detections(response: SegmentResponse) -> dict[str, Any]:
     """What `run_with_detections()` returns, in client-api.txt's key order, with plain Python numbers.
 
-    `labels` says which prompt each instance answers: an index into the texts (or box sets) sent.
+    `labels` says which prompt each instance answers: an index into the texts (or box sets) sent. With
+    `polygons=True`, `polygons` gives each instance's regions and `union_polygons` the union's, each region a
+    dict of its `exterior` ring and its `holes`, rings as lists of [x, y] pixels.
     """
-    return {
+    answer = {
         "union_mask": decode_mask(response.union_mask),
         "boxes": [[float(value) for value in box] for box in response.boxes],
         "scores": [float(score) for score in response.scores],
         "masks": [decode_mask(mask) for mask in response.masks],
         "labels": list(response.labels),
+    }
+    if response.polygons is not None:
+        answer["polygons"] = [[_plain_polygon(region) for region in regions] for regions in response.polygons]
+    if response.union_polygons is not None:
+        answer["union_polygons"] = [_plain_polygon(region) for region in response.union_polygons]
+    return answer
+
+
+def _plain_polygon(polygon: Polygon) -> dict[str, list]:
+    return {
+        "exterior": [list(vertex) for vertex in polygon.exterior],
+        "holes": [[list(vertex) for vertex in hole] for hole in polygon.holes],
     }
 
 
@@ -189,6 +207,8 @@ class ClientCore:
     ) -> SegmentRequest:
         """What every call does first, before any image is read: the prompt checked and the request built, with
         no image yet (`with_image` adds it); it asks for per-instance masks unless `convert` is `union_mask`."""
+        if convert is union_mask and options.get("polygons"):
+            raise InvalidRequestError("polygons come back from run_with_detections(), not from run()")
         return prompt_request(
             text=text,
             points=points,

@@ -86,6 +86,18 @@ class SegmentRequest(WireModel):
     return_detections: bool = Field(
         True, description="False returns only the union mask (what `run()` needs), not the instances."
     )
+    polygons: bool = Field(
+        False,
+        description="Also return the masks' outlines as polygons (each region's outer ring and its holes, in "
+        "pixels), for annotation tools: per instance in `polygons`, and the union's in `union_polygons`.",
+    )
+    polygon_tolerance: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="With `polygons`: how many pixels a simplified polygon may stray from the mask's traced "
+        "outline (Douglas-Peucker); 0 keeps every corner of the outline.",
+    )
     timeout_s: float | None = Field(
         None, gt=0, description="The caller's time budget: work still queued when it runs out is dropped."
     )
@@ -104,6 +116,11 @@ class SegmentRequest(WireModel):
         return self
 
     @property
+    def outline_tolerance(self) -> float | None:
+        """The tolerance to outline the answer's masks at, or None when no polygons are asked."""
+        return self.polygon_tolerance if self.polygons else None
+
+    @property
     def prompt_type(self) -> PromptType:
         if self.text is not None:
             return "text"
@@ -115,6 +132,14 @@ class RleMask(WireModel):
 
     size: tuple[int, int] = Field(description="[height, width]")
     counts: str
+
+
+class Polygon(WireModel):
+    """One region of a mask: its outer ring and the rings of its holes, each a closed list of [x, y] vertices
+    (the indices of the region's boundary pixels, as OpenCV traces them; `cv2.fillPoly` draws them back)."""
+
+    exterior: list[tuple[int, int]]
+    holes: list[list[tuple[int, int]]] = Field(default_factory=list)
 
 
 class SegmentResponse(WireModel):
@@ -136,6 +161,12 @@ class SegmentResponse(WireModel):
     )
     image_id: str | None = Field(
         None, description="Send it as `image_id` instead of the image to ask more of the same image."
+    )
+    polygons: list[list[Polygon]] | None = Field(
+        None, description="With `polygons` asked: each instance's regions, in the order of `masks`."
+    )
+    union_polygons: list[Polygon] | None = Field(
+        None, description="With `polygons` asked: the union mask's regions (a point prompt's object)."
     )
 
 

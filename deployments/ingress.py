@@ -232,7 +232,7 @@ class Sam3Ingress:
         if isinstance(prepared, Sam3Error):  # refused: the preprocessor returns it, so Serve logs no traceback
             raise prepared
         result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=prepared.image_key)
-        final = self.postprocessor.finish.remote(result, request.prompt_type)
+        final = self.postprocessor.finish.remote(result, request.prompt_type, request.outline_tolerance)
         in_flight += [result, final]
         answer = await final
         if isinstance(answer, Sam3Error):  # the model pool's typed error, passed on by the postprocessor

@@ -1,7 +1,9 @@
 """A COCO results file from the job's output, for pycocotools (`COCO.loadRes`) and COCO-style evaluation.
 
 Written as a stream from the Parquet files, one file at a time. Each instance of a text or box prompt is
-one result: `image_id` is the image as the job listed it, `segmentation` its COCO RLE, `bbox` its box as
+one result: `image_id` is the image as the job listed it, `segmentation` its COCO RLE (or, when the job ran
+with `--polygons`, its polygons: COCO's polygon form, one flat [x0, y0, x1, y1, ...] list a region, which has
+no holes, so an instance with a hole keeps its exact RLE), `bbox` its box as
 [x, y, width, height], `score` its score. `category_id` numbers the concepts (a text, or a set of box
 exemplars) in the order they first appear; `<name>.categories.json` beside it maps ids to concepts.
 Point prompts have no detection semantics (client-api.txt), so they give no results.
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 from pipelines.output import output_filesystem, parquet_files
 from pipelines.rows import parse_prompt
 
-_COLUMNS = ["image", "prompt", "scores", "boxes", "labels", "masks", "error_code"]
+_COLUMNS = ["image", "prompt", "scores", "boxes", "labels", "masks", "polygons", "error_code"]
 
 
 def write_coco_results(output: str, results_path: Path) -> int:
@@ -32,13 +34,15 @@ def write_coco_results(output: str, results_path: Path) -> int:
                 if row["error_code"] is not None or not row["masks"]:
                     continue
                 concepts = _concepts(row["prompt"])
-                for score, box, label, mask in zip(row["scores"], row["boxes"], row["labels"], row["masks"]):
+                outlines = row["polygons"] or [None] * len(row["masks"])
+                instances = zip(row["scores"], row["boxes"], row["labels"], row["masks"], outlines)
+                for score, box, label, mask, regions in instances:
                     category = categories.setdefault(concepts[label], len(categories) + 1)
                     x0, y0, x1, y1 = box
                     result = {
                         "image_id": row["image"],
                         "category_id": category,
-                        "segmentation": {"size": mask["size"], "counts": mask["counts"]},
+                        "segmentation": _segmentation(mask, regions),
                         "bbox": [x0, y0, x1 - x0, y1 - y0],
                         "score": score,
                     }
@@ -48,6 +52,14 @@ def write_coco_results(output: str, results_path: Path) -> int:
     category_list = [{"id": id_, "name": name} for name, id_ in categories.items()]
     categories_path(results_path).write_text(json.dumps(category_list, indent=1) + "\n")
     return count
+
+
+def _segmentation(mask: dict, regions: list[dict] | None) -> dict | list[list[int]]:
+    """COCO polygons (each region's exterior, flattened) when the instance was outlined and has no hole and
+    at least one region; else its RLE, which is exact."""
+    if not regions or any(region["holes"] for region in regions):
+        return {"size": mask["size"], "counts": mask["counts"]}
+    return [[coordinate for vertex in region["exterior"] for coordinate in vertex] for region in regions]
 
 
 def categories_path(results_path: Path) -> Path:

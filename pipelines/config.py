@@ -26,6 +26,12 @@ class JobConfig(BaseModel):
         ge=1,
         description="Keep at most this many concept instances per row, the highest scoring (none: all above the threshold).",
     )
+    polygons: bool = Field(
+        False, description="Also outline each instance as polygons (a `polygons` column; --coco-json writes them)."
+    )
+    polygon_tolerance: float = Field(
+        1.0, ge=0, le=100, description="With --polygons: how many pixels a simplified outline may stray."
+    )
     coco_json: Path | None = Field(None, description="Also write a COCO results file here.")
     app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
     config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
@@ -57,6 +63,14 @@ class JobConfig(BaseModel):
         description="service: most retries of a row's 503s and lost replicas, with backoff of at most 10 s (none: "
         "--timeout-s alone bounds them, so a lost model node that is back within it costs only the wait)",
     )
+
+    @property
+    def request_options(self) -> dict:
+        """What every row's request carries beside its prompt (the clients' `PromptOptions`)."""
+        options = {"max_instances": self.max_instances} if self.max_instances is not None else {}
+        if self.polygons:
+            options.update(polygons=True, polygon_tolerance=self.polygon_tolerance)
+        return options
 
     @property
     def rows_per_call(self) -> int:

@@ -17,6 +17,7 @@ import threading
 import pyarrow as pa
 from ray.actor import ActorHandle
 
+from client._api import PromptOptions
 from client.handle_client import Sam3HandleClient
 from deployments.config import AppArgs
 from pipelines.rows import segment_rows
@@ -30,7 +31,7 @@ class ServiceSegmenter:
         max_in_flight: int,
         timeout_s: float,
         retries: int,
-        max_instances: int | None = None,
+        options: PromptOptions | None = None,
         tally: ActorHandle | None = None,
     ):
         """Lost or restarting replicas and 503s are retried by the client, `retries` times at most, with
@@ -40,7 +41,7 @@ class ServiceSegmenter:
         self.client.on_retry = self._count_retry
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
-        self.max_instances = max_instances
+        self.options = options
         self.tally = tally
         report_start(tally)
         self._retried = 0
@@ -53,7 +54,7 @@ class ServiceSegmenter:
             batch["prompt"].to_pylist(),
             self._answer,
             timeout_s=self.timeout_s,
-            max_instances=self.max_instances,
+            options=self.options,
         )
         with self._retried_lock:
             retried, self._retried = self._retried, 0
@@ -69,7 +70,7 @@ class ServiceSegmenter:
 
 
 class PipelineSegmenter:
-    def __init__(self, args: AppArgs, max_instances: int | None = None, tally: ActorHandle | None = None):
+    def __init__(self, args: AppArgs, options: PromptOptions | None = None, tally: ActorHandle | None = None):
         """The application's own `args` (checkpoint, thresholds, limits), so both engines answer alike."""
         import torch
 
@@ -87,7 +88,7 @@ class PipelineSegmenter:
         )
         if self.pipeline.models.compiled:  # every graph compiled before the first rows, as in a model replica
             warm_up(self.pipeline.runner)
-        self.max_instances = max_instances
+        self.options = options
         self.tally = tally
         report_start(tally)
 
@@ -98,5 +99,5 @@ class PipelineSegmenter:
             batch["prompt"].to_pylist(),
             self.pipeline.answer,
             timeout_s=None,
-            max_instances=self.max_instances,
+            options=self.options,
         )

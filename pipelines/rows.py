@@ -17,14 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from client._api import prompt_request, with_image
+from client._api import PromptOptions, prompt_request, with_image
 from client.errors import InvalidImageError, InvalidPromptError, Sam3Error
-from client.protocol import RleMask, SegmentRequest, SegmentResponse
+from client.protocol import Polygon, RleMask, SegmentRequest, SegmentResponse
 from sam3_serve_core.failures import in_place, passing
 
 PROMPT_KEYS = {"text", "points", "boxes", "labels", "box_sets"}
 
 _RLE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
+_RING = pa.list_(pa.list_(pa.int32(), 2))
+_POLYGON = pa.struct([("exterior", _RING), ("holes", pa.list_(_RING))])
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -38,12 +40,14 @@ OUTPUT_SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int32())),
         ("masks", pa.list_(_RLE)),
         ("union_mask", _RLE),
+        ("polygons", pa.list_(pa.list_(_POLYGON))),
         ("error_code", pa.string()),
         ("error_message", pa.string()),
     ]
 )
 """One row per (image, prompt). Masks are COCO RLE (`pycocotools.mask.decode` reads them); boxes are pixel
-xyxy; `labels` index the prompt's texts or box sets; the error columns are null on success."""
+xyxy; `labels` index the prompt's texts or box sets; `polygons` (with `--polygons`, else null) is each
+instance's regions, an exterior ring and its holes of [x, y] pixels; the error columns are null on success."""
 
 Answer = Callable[[list[SegmentRequest]], Sequence[SegmentResponse | Exception]]
 
@@ -90,13 +94,12 @@ def _row_key(image: str, prompt: str) -> int:
 
 
 def build_request(
-    image: str, prompt: str, *, timeout_s: float | None, max_instances: int | None = None
+    image: str, prompt: str, *, timeout_s: float | None, options: PromptOptions | None = None
 ) -> SegmentRequest:
-    """The request a client would send: the same prompt checks and the same image reading (typed errors).
-    Paths and http(s) URLs are read as the clients read them; other URIs (s3://, gs://, file://) by pyarrow."""
-    request = prompt_request(
-        **parse_prompt(prompt), timeout=timeout_s, max_instances=max_instances, return_detections=True
-    )
+    """The request a client would send, with the job's `options` (max_instances, polygons): the same prompt
+    checks and the same image reading (typed errors). Paths and http(s) URLs are read as the clients read
+    them; other URIs (s3://, gs://, file://) by pyarrow."""
+    request = prompt_request(**parse_prompt(prompt), timeout=timeout_s, return_detections=True, **(options or {}))
     return with_image(request, read_uri(image) if _is_storage_uri(image) else image, http=None)
 
 
@@ -119,15 +122,15 @@ def segment_rows(
     answer: Answer,
     *,
     timeout_s: float | None,
-    max_instances: int | None = None,
+    options: PromptOptions | None = None,
 ) -> pa.Table:
     """Output rows for a batch of (image, prompt): requests that cannot be built fail alone, the rest are
-    answered together (by the live service or an in-process pipeline). Every request asks for at most
-    `max_instances` instances (None: all above the threshold)."""
+    answered together (by the live service or an in-process pipeline). Every request carries the job's
+    `options` (`JobConfig.request_options`)."""
     built: list[SegmentRequest | Exception] = []
     for image, prompt in zip(images, prompts):
         try:
-            built.append(build_request(image, prompt, timeout_s=timeout_s, max_instances=max_instances))
+            built.append(build_request(image, prompt, timeout_s=timeout_s, options=options))
         except Exception as error:  # a row fails alone, whatever fails: not only the clients' typed errors
             built.append(error)
     requests = passing(built)
@@ -153,8 +156,13 @@ def output_row(image: str, prompt: str, answer: SegmentResponse | Exception) -> 
         labels=list(answer.labels),
         masks=[_rle_cell(mask) for mask in answer.masks],
         union_mask=_rle_cell(answer.union_mask),
+        polygons=_polygons_cell(answer.polygons),
     )
     return row
+
+
+def _polygons_cell(polygons: list[list[Polygon]] | None) -> list | None:
+    return None if polygons is None else [[region.model_dump() for region in regions] for regions in polygons]
 
 
 def _rle_cell(mask: RleMask) -> dict[str, Any]:

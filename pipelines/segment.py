@@ -211,7 +211,7 @@ def segment_stage(rows: Dataset, config: JobConfig, tally: ActorHandle | None) -
                 "max_in_flight": config.max_in_flight,
                 "timeout_s": config.timeout_s,
                 "retries": config.request_retries,
-                "max_instances": config.max_instances,
+                "options": config.request_options,
                 "tally": tally,
             },
             compute=ActorPoolStrategy(size=config.workers),
@@ -221,7 +221,7 @@ def segment_stage(rows: Dataset, config: JobConfig, tally: ActorHandle | None) -
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     return rows.map_batches(
         PipelineSegmenter,
-        fn_constructor_kwargs={"args": args, "max_instances": config.max_instances, "tally": tally},
+        fn_constructor_kwargs={"args": args, "options": config.request_options, "tally": tally},
         compute=ActorPoolStrategy(min_size=1, max_size=min(config.workers, gpus) if gpus else config.workers),
         num_gpus=1 if gpus else 0,
         resources={config.model_resource: 1} if config.model_resource else {},
@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     source = CliSettingsSource(
         JobConfig,
         cli_kebab_case=True,
-        cli_implicit_flags=False,
+        cli_implicit_flags=True,  # a bool field is a flag: --polygons
         root_parser=argparse.ArgumentParser(
             prog="python -m pipelines.segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         ),

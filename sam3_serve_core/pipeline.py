@@ -195,7 +195,9 @@ class Sam3Pipeline:
         return [
             result
             if isinstance(result, Exception)
-            else to_response(encode_segmentation(result, self.mask_chunk_pixels), request.prompt_type, {})
+            else to_response(
+                encode_segmentation(result, self.mask_chunk_pixels, request.outline_tolerance), request.prompt_type, {}
+            )
             for request, result in zip(requests, results)
         ]
 

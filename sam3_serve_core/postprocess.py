@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.protocol import PromptType, RleMask, SegmentResponse
+from client.protocol import Polygon, PromptType, RleMask, SegmentResponse
 from client.rle import encode_stacked
 from sam3_serve_core.masks import (
     concept_mask_chunks,
@@ -33,6 +33,7 @@ from sam3_serve_core.masks import (
     tracker_mask_chunks,
     unpack_masks,
 )
+from sam3_serve_core.polygons import mask_polygons
 
 
 @dataclass
@@ -95,6 +96,8 @@ class EncodedSegmentation:
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    polygons: list[list[Polygon]] | None = None  # each instance's outline, when asked
+    union_polygons: list[Polygon] | None = None
 
 
 def finish_segmentation(
@@ -198,16 +201,30 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return [target.numpy() for target in host]
 
 
-def encode_segmentation(packed: PackedSegmentation, chunk_pixels: int) -> EncodedSegmentation:
-    """The wire form: each chunk of masks unpacked, encoded as RLE and dropped, so memory stays bounded."""
+def encode_segmentation(
+    packed: PackedSegmentation, chunk_pixels: int, polygon_tolerance: float | None = None
+) -> EncodedSegmentation:
+    """The wire form: each chunk of masks unpacked, encoded as RLE (and outlined as polygons, with a
+    `polygon_tolerance`) and dropped, so memory stays bounded."""
     height, width = packed.original_size
     chunk_size = masks_per_chunk(height, width, chunk_pixels)
     masks: list[RleMask] = []
+    polygons: list[list[Polygon]] | None = None if polygon_tolerance is None else []
     for start in range(0, len(packed.masks), chunk_size):
-        masks.extend(encode_stacked(unpack_masks(packed.masks[start : start + chunk_size], height, width)))
-    (union,) = encode_stacked(unpack_masks(packed.union_mask, height, width))
+        chunk = unpack_masks(packed.masks[start : start + chunk_size], height, width)
+        masks.extend(encode_stacked(chunk))
+        if polygons is not None:
+            polygons.extend(mask_polygons(chunk[:, :, index], polygon_tolerance) for index in range(chunk.shape[2]))
+    union_mask = unpack_masks(packed.union_mask, height, width)
+    (union,) = encode_stacked(union_mask)
     return EncodedSegmentation(
-        union_mask=union, masks=masks, boxes=packed.boxes, scores=packed.scores, labels=packed.labels
+        union_mask=union,
+        masks=masks,
+        boxes=packed.boxes,
+        scores=packed.scores,
+        labels=packed.labels,
+        polygons=polygons,
+        union_polygons=None if polygon_tolerance is None else mask_polygons(union_mask[:, :, 0], polygon_tolerance),
     )
 
 
@@ -246,4 +263,6 @@ def to_response(
         labels=[int(label) for label in segmentation.labels],
         timings_ms=timings_ms,
         image_id=image_id,
+        polygons=segmentation.polygons,
+        union_polygons=segmentation.union_polygons,
     )

@@ -17,6 +17,7 @@ import json
 import subprocess
 import time
 import uuid
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -161,13 +162,22 @@ def test_via_actors_directory_with_coco_results(cluster, images, tiny112_dir, tm
     output, coco_json = tmp_path / "out", tmp_path / "results.json"
     result = cluster.submit("--via", "actors", "--input", str(Path(next(iter(images))).parents[1]), "--text", TEXT,
                             "--output", str(output), "--checkpoint", str(tiny112_dir), "--device", "cpu",
-                            "--coco-json", str(coco_json))  # fmt: skip
+                            "--coco-json", str(coco_json), "--polygons")  # fmt: skip
     assert "invalid_image 3" in summary_line(result)
     rows = output_rows(output)
     assert_rows(rows, {(path, TEXT): code for path, code in images.items()}, str(tiny112_dir))
     results = json.loads(coco_json.read_text())
     assert len(results) == sum(len(row["masks"] or []) for row in rows) > 0
     assert {result["category_id"] for result in results} == {1}
+    # --polygons: each answered row outlines each instance; COCO gets polygons where an instance has no hole.
+    outlines = {row["image"]: row["polygons"] for row in rows if row["error_code"] is None}
+    assert all(len(outlines[row["image"]]) == len(row["masks"]) for row in rows if row["error_code"] is None)
+    written = Counter()
+    for coco_result in results:  # an image's results in the order of its row's instances
+        regions = outlines[coco_result["image_id"]][written[coco_result["image_id"]]]
+        written[coco_result["image_id"]] += 1
+        as_polygons = bool(regions) and not any(region["holes"] for region in regions)
+        assert isinstance(coco_result["segmentation"], list) == as_polygons
 
 
 def test_an_interrupted_job_finishes_on_the_rerun_with_every_row_once(cluster, images, tiny112_dir, tmp_path):

@@ -28,11 +28,14 @@ from ray.serve.schema import ServeDeploySchema
 
 from client import Sam3HandleClient, Sam3HttpClient, SegmentRequest, SegmentResponse
 from client.errors import InvalidPromptError, PromptTooLongError
+from client.protocol import Polygon
 from deployments.app import build_app
 from deployments.config import AppArgs
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
+from sam3_serve_core.polygons import mask_polygons
 from tests.answers import assert_close_answer, assert_same_answer, expect
+from tests.unit.test_polygons import assert_drawn_back_within
 from tests.conftest import random_image
 from tests.integration.test_parity import assert_same_segmentation, pipeline_for, reference_for
 from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, serve_run
@@ -259,6 +262,21 @@ def test_max_instances_returns_the_top_scoring_instances_and_their_union(http_cl
         np.testing.assert_array_equal(kept, first)
     np.testing.assert_array_equal(limited["union_mask"], np.maximum.reduce(limited["masks"]))
     np.testing.assert_array_equal(http_client.run(IMAGE, text="a red car", max_instances=2), limited["union_mask"])
+
+
+@pytest.mark.parametrize("client_name", ["http_client", "handle_client"])
+def test_polygons_outline_the_answers_own_masks(request, client_name):
+    """Each instance's polygons (and the union's, also for a point prompt's object) are the outlines of the
+    masks in the same answer: `sam3_serve_core.polygons` on them, drawn back within its bound."""
+    client = request.getfixturevalue(client_name)
+    for prompt in ({"text": "a red car", "max_instances": 5}, {"points": [[40, 30]], "labels": [1]}):
+        result = client.run_with_detections(IMAGE, **prompt, polygons=True, polygon_tolerance=1.0)
+        assert len(result["polygons"]) == len(result["masks"])
+        for mask, regions in zip(result["masks"], result["polygons"], strict=True):
+            assert regions == [region.model_dump(mode="json") for region in mask_polygons(mask, 1.0)]
+        union = [region.model_dump(mode="json") for region in mask_polygons(result["union_mask"], 1.0)]
+        assert result["union_polygons"] == union and union, "an empty outline would make the test say little"
+        assert_drawn_back_within(result["union_mask"] // 255, [Polygon(**region) for region in union], 1.0)
 
 
 def test_answers_carry_their_time_per_stage(app_url):

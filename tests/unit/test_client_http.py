@@ -28,7 +28,7 @@ from client.errors import (
 )
 from client.async_http_client import AsyncSam3HttpClient
 from client.http_client import Sam3HttpClient
-from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, SegmentRequest, SegmentResponse
+from client.protocol import ErrorDetail, ErrorResponse, HealthResponse, Polygon, SegmentRequest, SegmentResponse
 from client.rle import encode_mask
 from sam3_serve_core.images import decode_image
 from tests.unit.test_client_retry import FakeClock
@@ -726,3 +726,26 @@ def test_the_model_id_travels_and_an_unknown_one_is_a_typed_404(client, service,
     assert isinstance(raised.value, NotFoundError) and raised.value.http_status == 404
     assert service.sent().model_id == "sam2"
     assert len(service.api_requests) == 1, "a 404 is not retried"
+
+
+def test_polygons_are_asked_for_and_come_back_as_plain_lists(client, service, image_file):
+    _, response = masks_and_response()
+    square = Polygon(exterior=[(0, 0), (2, 0), (2, 3), (0, 3)], holes=[[(1, 1), (1, 2), (0, 2)]])
+    answer = response.model_copy(update={"polygons": [[square], []], "union_polygons": [square]})
+    service.segment = lambda _: httpx.Response(200, content=answer.model_dump_json())
+    result = client.run_with_detections(image_file, text="cat", polygons=True, polygon_tolerance=2.5)
+    sent = service.sent()
+    assert (sent.polygons, sent.polygon_tolerance, sent.outline_tolerance) == (True, 2.5, 2.5)
+    plain = {"exterior": [[0, 0], [2, 0], [2, 3], [0, 3]], "holes": [[[1, 1], [1, 2], [0, 2]]]}
+    assert result["polygons"] == [[plain], []] and result["union_polygons"] == [plain]
+
+
+def test_without_polygons_nothing_is_outlined(client, service, image_file):
+    result = client.run_with_detections(image_file, text="cat")
+    assert service.sent().outline_tolerance is None and "polygons" not in result and "union_polygons" not in result
+
+
+def test_polygons_are_refused_by_run_before_anything_is_sent(client, service, image_file):
+    with pytest.raises(InvalidRequestError, match="run_with_detections"):
+        client.run(image_file, text="cat", polygons=True)
+    assert service.requests == []

@@ -27,7 +27,7 @@ from client.errors import (
     Sam3Error,
     ServiceUnavailableError,
 )
-from client.protocol import SegmentRequest, SegmentResponse
+from client.protocol import Polygon, SegmentRequest, SegmentResponse
 from client.rle import encode_mask, encode_masks
 from deployments.config import AppArgs
 from pipelines import segment as segment_module
@@ -597,6 +597,30 @@ def test_coco_results_load_in_pycocotools_with_masks_boxes_and_categories(tmp_pa
         assert annotation["score"] == pytest.approx(answer.scores[index], abs=1e-6)
 
 
+def test_with_polygons_the_output_has_them_and_coco_results_use_them_unless_an_instance_has_a_hole(tmp_path):
+    """The `polygons` column holds each instance's regions as the answer gave them; the COCO file writes a
+    polygon segmentation (each region's exterior, flattened) for an instance without holes, and the exact RLE
+    for one with a hole, which COCO's polygon form cannot draw."""
+    image = write_png(tmp_path / "a.png")
+    answer = response("text", count=2, seed=21)
+    square = Polygon(exterior=[(1, 1), (6, 1), (6, 5), (1, 5)])
+    ring = Polygon(exterior=[(0, 0), (9, 0), (9, 9), (0, 9)], holes=[[(3, 3), (3, 5), (5, 5)]])
+    outlined = answer.model_copy(update={"polygons": [[square], [ring]], "union_polygons": [ring]})
+    table = segment_rows([image, image], [CAT, CAT], FakeAnswer([outlined, answer]), timeout_s=None)
+    first, plain = table["polygons"].to_pylist()
+    assert first == [[square.model_dump(mode="json")], [ring.model_dump(mode="json")]] and plain is None
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(table.slice(0, 1), out / "run-a_000000.parquet")
+    results_path = tmp_path / "coco.json"
+    assert write_coco_results(str(out), results_path) == 2
+    without_hole, with_hole = json.loads(results_path.read_text())
+    assert without_hole["segmentation"] == [[1, 1, 6, 1, 6, 5, 1, 5]]
+    assert with_hole["segmentation"] == {"size": [HEIGHT, WIDTH], "counts": answer.masks[1].counts}
+    drawn = coco_mask.decode(coco_mask.frPyObjects(without_hole["segmentation"], HEIGHT, WIDTH)).max(axis=2)
+    assert drawn[2:5, 2:6].all() and drawn.sum() < 6 * 7, "pycocotools draws the polygon where it is"
+
+
 def test_coco_results_of_an_output_with_no_instances_is_an_empty_list(tmp_path):
     image = write_png(tmp_path / "a.png")
     out = tmp_path / "out"
@@ -636,15 +660,30 @@ def test_a_max_instances_below_1_or_not_an_integer_stops_the_job_before_it_start
     assert "error: --max-instances: " in capsys.readouterr().err
 
 
-def test_every_request_of_a_batch_asks_for_max_instances(tmp_path):
+def test_every_request_of_a_batch_carries_the_jobs_options(tmp_path):
     image = write_png(tmp_path / "a.png")
     prompts = [CAT, POINT, canonical_prompt({"boxes": [[1, 2, 8, 9]], "labels": [1]})]
     fake = FakeAnswer()
-    segment_rows([image] * 3, prompts, fake, timeout_s=None, max_instances=2)
-    assert [request.max_instances for request in fake.requests] == [2, 2, 2]
+    options = {"max_instances": 2, "polygons": True, "polygon_tolerance": 2.0}
+    segment_rows([image] * 3, prompts, fake, timeout_s=None, options=options)
+    asked = [(request.max_instances, request.outline_tolerance) for request in fake.requests]
+    assert asked == [(2, 2.0)] * 3
     segment_rows([image], [CAT], fake, timeout_s=None)
-    assert fake.requests[-1].max_instances is None
-    assert build_request(image, CAT, timeout_s=None, max_instances=5).max_instances == 5
+    assert (fake.requests[-1].max_instances, fake.requests[-1].outline_tolerance) == (None, None)
+    assert build_request(image, CAT, timeout_s=None, options={"max_instances": 5}).max_instances == 5
+
+
+@pytest.mark.parametrize(
+    ("flags", "options"),
+    [
+        ([], {}),
+        (["--max-instances", "3"], {"max_instances": 3}),
+        (["--polygons"], {"polygons": True, "polygon_tolerance": 1.0}),
+        (["--polygons", "--polygon-tolerance", "0"], {"polygons": True, "polygon_tolerance": 0.0}),
+    ],
+)
+def test_the_jobs_options_come_from_its_command_line(flags, options):
+    assert segment_module.parse_args([*JOB_ARGS, "--via", "service", *flags]).request_options == options
 
 
 class FakeDataset:
@@ -656,14 +695,15 @@ class FakeDataset:
 
 
 @pytest.mark.parametrize("via", ["service", "actors"])
-def test_both_engines_are_given_max_instances(monkeypatch, via):
+def test_both_engines_are_given_the_jobs_options(monkeypatch, via):
     monkeypatch.setattr(segment_module, "_check_application", lambda app_name: None)
     monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
-    config = segment_module.parse_args([*JOB_ARGS, "--via", via, "--max-instances", "4"])
+    config = segment_module.parse_args([*JOB_ARGS, "--via", via, "--max-instances", "4", "--polygons"])
     rows = FakeDataset()
     segment_module.segment_stage(rows, config, tally=None)
     assert rows.fn is (ServiceSegmenter if via == "service" else PipelineSegmenter)
-    assert rows.kwargs["fn_constructor_kwargs"]["max_instances"] == 4
+    expected = {"max_instances": 4, "polygons": True, "polygon_tolerance": 1.0}
+    assert rows.kwargs["fn_constructor_kwargs"]["options"] == expected
 
 
 @pytest.mark.parametrize("via", ["service", "actors"])
@@ -724,7 +764,7 @@ def test_the_tally_adds_counts_by_name_and_reads_0_for_what_nobody_counted():
 
 
 def test_the_service_engine_sends_max_instances_with_every_row(tmp_path):
-    segmenter = ServiceSegmenter("sam3", max_in_flight=2, timeout_s=30.0, retries=0, max_instances=2)
+    segmenter = ServiceSegmenter("sam3", max_in_flight=2, timeout_s=30.0, retries=0, options={"max_instances": 2})
     fake = FakeAnswer()
     segmenter.client = SimpleNamespace(segment_many=lambda requests, concurrency: fake(requests))
     image = write_png(tmp_path / "a.png")
@@ -741,7 +781,7 @@ def test_the_actors_engine_sends_max_instances_with_every_row(monkeypatch, tmp_p
     monkeypatch.setattr(
         "sam3_serve_core.pipeline.Sam3Pipeline", lambda models, **limits: SimpleNamespace(answer=fake, models=uncompiled)
     )
-    segmenter = PipelineSegmenter(AppArgs(device="cpu"), max_instances=3)
+    segmenter = PipelineSegmenter(AppArgs(device="cpu"), options={"max_instances": 3})
     image = write_png(tmp_path / "a.png")
     segmenter(pa.table({"image": [image], "prompt": [CAT]}))
     assert [request.max_instances for request in fake.requests] == [3]

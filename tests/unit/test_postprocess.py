@@ -23,6 +23,7 @@ from sam3_serve_core.postprocess import (
     finish_segmentation,
     unpack_segmentation,
 )
+from sam3_serve_core.polygons import mask_polygons
 
 HEIGHT, WIDTH, LOW_RES, QUERIES = 37, 53, 16, 12
 SIZE = (HEIGHT, WIDTH)
@@ -118,6 +119,18 @@ def test_rle_of_the_packed_masks_equals_the_arrays_whatever_the_chunk(chunk_pixe
     np.testing.assert_array_equal(encoded.scores, arrays.scores)
     np.testing.assert_array_equal(encoded.boxes, arrays.boxes)
     np.testing.assert_array_equal(encoded.labels, arrays.labels)
+
+
+@pytest.mark.parametrize("chunk_pixels", [1, 10**9])
+def test_polygons_outline_each_unpacked_mask_and_the_union_when_asked(chunk_pixels):
+    packed = finish_segmentation([concept_output(15, 5), point_output(16)], SIZE, chunk_pixels=10**9)
+    arrays = unpack_segmentation(packed)
+    outlined = encode_segmentation(packed, chunk_pixels, polygon_tolerance=1.0)
+    assert outlined.polygons == [mask_polygons(mask, 1.0) for mask in arrays.masks]
+    assert outlined.union_polygons == mask_polygons(arrays.union_mask, 1.0)
+    assert any(outlined.polygons), "no outline at all: the comparison would say little"
+    plain = encode_segmentation(packed, chunk_pixels)
+    assert plain.polygons is None and plain.union_polygons is None and plain.masks == outlined.masks
 
 
 def test_union_only_sends_no_instances():
