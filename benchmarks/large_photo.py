@@ -1,9 +1,10 @@
-"""Post-processing a large photo with many instances: time and peak memory, with and without detections.
+"""Post-processing a large photo with many instances: time and peak memory, with and without detections, and
+with the masks outlined as polygons.
 
     python -m benchmarks.large_photo [--height 3024] [--width 4032] [--instances 100] [--mask-size 288]
 
 Both halves, on the CPU: finishing the masks (upsample, threshold, bit-pack: the model replica's part, on
-its device) and encoding them as RLE (the postprocessor's part). Each case runs in a fresh process, so its
+its device) and encoding them as RLE (the postprocessor's part, with `polygons` also outlining them). Each case runs in a fresh process, so its
 peak resident memory is its own; the figure printed is the peak above the process's memory just before
 the work (inputs already made), beside the bytes of the uint8 masks the answer describes.
 """
@@ -48,7 +49,9 @@ def concept_output(instances: int, mask_size: int):
     )
 
 
-def run_case(args: argparse.Namespace, with_instances: bool, results: multiprocessing.Queue) -> None:
+def run_case(
+    args: argparse.Namespace, with_instances: bool, polygon_tolerance: float | None, results: multiprocessing.Queue
+) -> None:
     import torch
 
     from sam3_serve_core.postprocess import encode_segmentation, finish_segmentation
@@ -60,9 +63,10 @@ def run_case(args: argparse.Namespace, with_instances: bool, results: multiproce
     started = time.perf_counter()
     packed = finish_segmentation([output], size, chunk_pixels=args.chunk_pixels, with_instances=with_instances)
     finished = time.perf_counter()
-    encoded = encode_segmentation(packed, args.chunk_pixels)
+    encoded = encode_segmentation(packed, args.chunk_pixels, polygon_tolerance)
     encoded_at = time.perf_counter()
-    results.put((finished - started, encoded_at - finished, peak_rss_bytes() - before, len(encoded.masks)))
+    outlined = sum(1 for regions in encoded.polygons or [] if regions)
+    results.put((finished - started, encoded_at - finished, peak_rss_bytes() - before, len(encoded.masks), outlined))
 
 
 def main() -> None:
@@ -81,15 +85,20 @@ def main() -> None:
     )
     print(f"{'case':<34}{'finish s':>9}{'encode s':>9}{'peak MB':>9}{'peak / masks':>14}")
     context = multiprocessing.get_context("spawn")
-    for label, with_instances in (("run_with_detections (all masks)", True), ("run (union only)", False)):
+    cases = (
+        ("run_with_detections (all masks)", True, None),
+        ("run_with_detections, polygons", True, 1.0),
+        ("run (union only)", False, None),
+    )
+    for label, with_instances, polygon_tolerance in cases:
         results = context.Queue()
-        process = context.Process(target=run_case, args=(args, with_instances, results))
+        process = context.Process(target=run_case, args=(args, with_instances, polygon_tolerance, results))
         process.start()
-        finish_s, encode_s, peak, masks = results.get()
+        finish_s, encode_s, peak, masks, outlined = results.get()
         process.join()
         print(
             f"{label:<34}{finish_s:>9.2f}{encode_s:>9.2f}{peak / 1e6:>9.0f}{peak / mask_bytes:>14.2f}"
-            f"   ({masks} masks encoded)"
+            f"   ({masks} masks encoded, {outlined} outlined)"
         )
 
 
