@@ -201,10 +201,6 @@ class Sam3ModelPool:
             for item, result in zip(items, outputs)
         ]
 
-    def batch_size_counts(self) -> dict[int, int]:
-        """How many batches of each size this replica ran, over all its models (for tests and operators)."""
-        return dict(self.batch_sizes)
-
     def stats(self) -> dict:
         """Cumulative batch sizes and busy seconds (time with a batch running), for benchmarks and operators."""
         loaded = self._loaded_models()

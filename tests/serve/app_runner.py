@@ -32,6 +32,12 @@ def replica_count(deployment_name: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+def model_pool_batch_sizes() -> dict[int, int]:
+    """How many batches of each size a model replica ran (the one replica of the CPU profile's pinned pool)."""
+    handle = serve.get_deployment_handle("Sam3ModelPool", app_name=APP_NAME)
+    return handle.stats.remote().result(timeout_s=60)["batch_sizes"]
+
+
 def replica_stats(replicas: int, deployment_name: str = "Sam3ModelPool") -> dict[str, dict]:
     """`stats()` of each of the model pool's `replicas`, by replica id. Calls that name no image are routed at
     random over the replicas, so this asks until every one has answered."""

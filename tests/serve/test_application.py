@@ -35,10 +35,10 @@ from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
 from sam3_serve_core.polygons import mask_polygons
 from tests.answers import assert_close_answer, assert_same_answer, expect
-from tests.unit.test_polygons import assert_drawn_back_within
 from tests.conftest import random_image
 from tests.integration.test_parity import assert_same_segmentation, pipeline_for, reference_for
-from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, serve_run
+from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, model_pool_batch_sizes, serve_run
+from tests.unit.test_polygons import assert_drawn_back_within
 
 IMAGE = random_image(90, 130, seed=7)
 PROMPTS = {
@@ -160,11 +160,6 @@ def test_a_bad_item_does_not_fail_its_batch(http_client, tiny112_dir):
     for result in results:
         if result is not None:
             assert_close_answer(result, expected)
-
-
-def model_pool_batch_sizes() -> dict[int, int]:
-    handle = serve.get_deployment_handle("Sam3ModelPool", app_name=APP_NAME)
-    return handle.batch_size_counts.remote().result()
 
 
 def concurrent_load(http_client, requests: int, concurrency: int) -> None:

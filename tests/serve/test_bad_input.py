@@ -28,7 +28,7 @@ from client.errors import (
 )
 from client.protocol import SegmentRequest
 from tests.conftest import random_image
-from tests.serve.app_runner import APP_NAME, cpu_config, deployment, serve_run
+from tests.serve.app_runner import APP_NAME, cpu_config, deployment, model_pool_batch_sizes, serve_run
 
 API_KEY = "test-key-0123456789"
 MAX_PIXELS = 200 * 200
@@ -203,10 +203,6 @@ def test_api_key(app_url):
 
     with Sam3HttpClient(app_url, api_key="wrong") as client, pytest.raises(AuthenticationError):
         client.run(IMAGE, text="cat")
-
-
-def model_pool_batch_sizes() -> dict[int, int]:
-    return serve.get_deployment_handle("Sam3ModelPool", app_name=APP_NAME).batch_size_counts.remote().result()
 
 
 @pytest.fixture
