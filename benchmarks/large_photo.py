@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import time
 
 import numpy as np
@@ -26,7 +25,11 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's own peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries that over `exec` from
+    the forked copy of the parent, so a child of a large process would report the parent's size."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def concept_output(instances: int, mask_size: int):
