@@ -157,7 +157,9 @@ class SegmentResponse(WireModel):
         default_factory=list, description="Which prompt each instance answers: an index into the texts or box sets."
     )
     timings_ms: dict[str, float] = Field(
-        default_factory=dict, description="Server time per stage (preprocess, queue, model, postprocess, total)."
+        default_factory=dict,
+        description="Server time per stage (preprocess, queue, model, postprocess, total). `vision` is the part of "
+        "`model` spent in the ViT pass that encoded the image, 0 when its features came from the cache.",
     )
     image_id: str | None = Field(
         None, description="Send it as `image_id` instead of the image to ask more of the same image."
@@ -191,14 +193,35 @@ class HealthResponse(WireModel):
     )
 
 
+class ModelInfo(WireModel):
+    """One model the service serves, for `GET /v1/info`."""
+
+    model_id: str = Field(description="What a request names as `model_id`.")
+    checkpoint: str = Field(description="The checkpoint's hub name, or its directory's name.")
+    default: bool = Field(description="Requests that name no model get this one.")
+    random_weights: bool = Field(
+        description="True for the project's tiny test checkpoint: random weights, so its masks mean nothing."
+    )
+    image_size: int | None = Field(
+        description="The model's input resolution (pixels per side), read from the checkpoint's config; null "
+        "while the preprocessor, which reads it, is not running."
+    )
+    loaded_replicas: int = Field(
+        description="Model replicas that hold it now (or are loading it). 0: the next request for it loads it "
+        "first (seconds to minutes with real weights)."
+    )
+
+
 class InfoResponse(WireModel):
     """What a caller needs before its first request (the playground page reads it); never touches the model."""
 
     api_version: Literal["v1"] = API_VERSION
-    checkpoint: str = Field(description="The checkpoint's hub name, or its directory's name.")
+    checkpoint: str = Field(description="The default model's checkpoint: its hub name, or its directory's name.")
     random_weights: bool = Field(
-        description="True for the project's tiny test checkpoint: random weights, so its masks mean nothing."
+        description="True when the default model is the project's tiny test checkpoint: random weights, so its "
+        "masks mean nothing."
     )
+    models: list[ModelInfo] = Field(description="Every model the service serves, the default first.")
     api_key_required: bool = Field(description="Whether /v1/segment needs `Authorization: Bearer <key>`.")
     score_threshold: float = Field(description="Concept instances are kept above it unless a request sets its own.")
     max_image_pixels: int = Field(description="Larger images are refused (413 image_too_large).")

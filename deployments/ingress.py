@@ -47,9 +47,13 @@ from deployments.availability import StageUnavailableError, StageWatch
 from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
 from deployments.metrics import UNKNOWN, IngressMetrics
+from deployments.router_registry import replicas_by_model
 from deployments.web import add_pages, service_info
 
 logger = logging.getLogger("ray.serve")
+
+# How long `/v1/info` waits for the preprocessor's reading of the checkpoints' resolutions (asked once).
+IMAGE_SIZES_WAIT_S = 2.0
 
 app = FastAPI(
     title="SAM 3 segmentation",
@@ -159,15 +163,18 @@ class Sam3Ingress:
         args: AppArgs,
     ):
         self.preprocessor = preprocessor
-        self.model_pool = model_pool
+        # Initialized now (`options` does it), so that its router follows the model replicas, and the models
+        # each holds, from the start: `/v1/info` reports them before any request.
+        self.model_pool = model_pool.options()
         self.postprocessor = postprocessor
         self.args = args
         self.api_keys = load_api_keys(args)
         self.max_body_bytes = args.max_body_bytes
         self.retry_after_s = args.retry_after_s
         self.metrics = IngressMetrics()
-        self.service_info = service_info(args, api_key_required=self.api_keys is not None)
+        self.image_sizes: dict[str, int] = {}
         context = serve.get_replica_context()
+        self.app_name = context.app_name
         self.stages = StageWatch(context.app_name, context.deployment, args.unavailable_after_s)
 
     async def segment(self, request: SegmentRequest) -> SegmentResponse | Sam3Error:
@@ -302,5 +309,21 @@ class Sam3Ingress:
 
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info(self) -> InfoResponse:
-        """Open like health, and as cheap: what the playground page needs before its first request."""
-        return self.service_info
+        """Open like health, and nearly as cheap: what the playground page needs before its first request.
+        Which replicas hold which model is the router's knowledge; the resolutions are asked of the
+        preprocessor until it has answered once."""
+        if not self.image_sizes:
+            self.image_sizes = await self._read_image_sizes()
+        return service_info(
+            self.args, self.api_keys is not None, self.image_sizes, replicas_by_model(self.app_name)
+        )
+
+    async def _read_image_sizes(self) -> dict[str, int]:
+        """The checkpoints' resolutions as the preprocessor read them; none while it cannot answer soon."""
+        asked = self.preprocessor.image_sizes.remote()
+        try:
+            return await asyncio.wait_for(asked, timeout=IMAGE_SIZES_WAIT_S)
+        except Exception as error:
+            asked.cancel()
+            logger.info("the models' resolutions are unknown for now: %r", error)
+            return {}

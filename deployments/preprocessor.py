@@ -29,6 +29,10 @@ class Sam3Preprocessor:
         self.max_image_pixels = args.max_image_pixels
         self.max_prompt_items = args.max_prompt_items
 
+    def image_sizes(self) -> dict[str, int]:
+        """Each model's input resolution, from its checkpoint's config (for `/v1/info`)."""
+        return {model_id: geometry.image_size for model_id, geometry in self.geometries.items()}
+
     def _prepare(self, request: SegmentRequest, model_id: str, deadline: float | None) -> PreparedItem:
         started = time.perf_counter()
         item = prepare_request(

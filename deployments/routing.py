@@ -23,6 +23,8 @@ from typing import Sequence
 
 from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
+import deployments.router_registry as router_registry  # a module, so Serve pickles it by reference
+
 IMAGE_KEY_ARGUMENT = "image_key"  # the keyword argument of `Sam3ModelPool.run` that names the image
 
 
@@ -41,6 +43,7 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     def initialize_state(self, overloaded_at: int = 16) -> None:
         self.overloaded_at = overloaded_at
+        router_registry.register(self)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -80,3 +83,4 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         """Requests in flight on it, as this router last knew them (unknown counts as not overloaded)."""
         in_flight = self.replica_queue_len_cache.get(replica.replica_id)
         return in_flight is not None and in_flight >= min(self.overloaded_at, replica.max_ongoing_requests)
+

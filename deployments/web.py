@@ -8,6 +8,7 @@ package (FastAPI's own `/docs` loads them from a CDN, and is blank offline).
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations at import.
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from client.protocol import InfoResponse
+from client.protocol import InfoResponse, ModelInfo
 from deployments.config import AppArgs
 from sam3_serve_core.checkpoint_marker import is_tiny_checkpoint
 
@@ -31,12 +32,31 @@ PLAYGROUND_CSP = (
 )
 
 
-def service_info(args: AppArgs, api_key_required: bool) -> InfoResponse:
-    """Made once at start, so `/v1/info` costs nothing: a directory is named by its last part, not its path."""
-    checkpoint = Path(args.checkpoint)
+def checkpoint_name(checkpoint: str) -> str:
+    """A directory is named by its last part, not its path, which says nothing to callers about the model."""
+    return Path(checkpoint).name if Path(checkpoint).is_dir() else checkpoint
+
+
+def service_info(
+    args: AppArgs, api_key_required: bool, image_sizes: Mapping[str, int], replicas_by_model: Mapping[str, int]
+) -> InfoResponse:
+    """`/v1/info` from the configuration and what is known now: each model's resolution (`image_sizes`, empty
+    while unknown) and how many model replicas hold it."""
+    models = [
+        ModelInfo(
+            model_id=model_id,
+            checkpoint=checkpoint_name(checkpoint),
+            default=model_id == args.default_model,
+            random_weights=is_tiny_checkpoint(checkpoint),
+            image_size=image_sizes.get(model_id),
+            loaded_replicas=replicas_by_model.get(model_id, 0),
+        )
+        for model_id, checkpoint in sorted(args.models.items(), key=lambda entry: entry[0] != args.default_model)
+    ]
     return InfoResponse(
-        checkpoint=checkpoint.name if checkpoint.is_dir() else args.checkpoint,
-        random_weights=is_tiny_checkpoint(args.checkpoint),
+        checkpoint=models[0].checkpoint,
+        random_weights=models[0].random_weights,
+        models=models,
         api_key_required=api_key_required,
         score_threshold=args.score_threshold,
         max_image_pixels=args.max_image_pixels,

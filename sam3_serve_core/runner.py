@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 
@@ -75,21 +76,34 @@ class Sam3Runner:
 
     @torch.inference_mode()
     def run(self, items: list[PreparedItem]) -> list[PackedSegmentation]:
-        """One forward pass over the batch, then each item's answer finished on the device."""
-        return [
+        """One forward pass over the batch, then each item's answer finished on the device.
+
+        Each item's `timings_ms["vision"]` is set to the time of the ViT pass that encoded its image (shared by
+        the batch's images encoded together), or 0 when its features came from the cache: the answer shows
+        whether a follow-up skipped the ViT.
+        """
+        outputs, vision_passes = self._forward(items)
+        answers = [
             finish_segmentation(
-                outputs,
+                item_outputs,
                 item.original_size,
                 chunk_pixels=self.mask_chunk_pixels,
                 max_instances=item.max_instances,
                 with_instances=item.return_detections,
             )
-            for item, outputs in zip(items, self.forward(items))
+            for item, item_outputs in zip(items, outputs)
         ]
+        for item, vision_pass in zip(items, vision_passes):
+            item.timings_ms["vision"] = 0.0 if vision_pass is None else vision_pass.elapsed_ms()
+        return answers
 
     @torch.inference_mode()
     def forward(self, items: list[PreparedItem]) -> list[list[RawOutput]]:
         """Every prompt's raw outputs, on the model's device, by item and prompt."""
+        return self._forward(items)[0]
+
+    def _forward(self, items: list[PreparedItem]) -> tuple[list[list[RawOutput]], list[DeviceStopwatch | None]]:
+        """The outputs, and per item the stopwatch of the ViT pass that encoded its image (None: cached)."""
         outputs: list[list[RawOutput | None]] = [[None] * len(item.prompts) for item in items]
         groups: dict[tuple, list[_PromptRef]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -97,8 +111,8 @@ class Sam3Runner:
                 threshold = self.score_threshold if item.score_threshold is None else item.score_threshold
                 groups[_group_key(prompt)].append(_PromptRef(index, slot, prompt, threshold))
         if not groups:
-            return outputs
-        vision = self._vision_features(items)
+            return outputs, [None] * len(items)
+        vision, vision_passes = self._vision_features(items)
         tracker_embeddings = None
         for key, refs in groups.items():
             if key[0] == "points":
@@ -109,22 +123,27 @@ class Sam3Runner:
                 results = self._run_concepts(vision, refs)
             for ref, result in zip(refs, results):
                 outputs[ref.item][ref.slot] = result
-        return outputs
+        return outputs, vision_passes
 
     def _device_tensor(self, array: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = torch.as_tensor(array)
         return tensor.to(device=self.models.device, dtype=dtype or tensor.dtype)
 
-    def _vision_features(self, items: list[PreparedItem]) -> Sam3VisionEncoderOutput:
-        """The batch's backbone output: from the cache for images it holds, from one ViT pass for the rest.
+    def _vision_features(
+        self, items: list[PreparedItem]
+    ) -> tuple[Sam3VisionEncoderOutput, list[DeviceStopwatch | None]]:
+        """The batch's backbone output: from the cache for images it holds, from one ViT pass for the rest;
+        and per item, the stopwatch of that pass, or None for an image that came from the cache.
 
         Each distinct image is encoded once, however many items of the batch name it. What comes from the
         cache is the very tensor a miss computed, so an answer from the cache equals the answer without it.
         """
+        vision_pass = DeviceStopwatch(self.models.device)
         if self.vision_cache is None:
             for item in items:
                 self.check_image(item)
-            return self._encode([item.pixels for item in items])
+            with vision_pass:
+                return self._encode([item.pixels for item in items]), [vision_pass] * len(items)
         sources: dict[str | int, int] = {}  # an image key, or the item's index when it has none -> image
         slots = [sources.setdefault(item.image_key or index, len(sources)) for index, item in enumerate(items)]
         carriers: dict[int, PreparedItem] = {}  # per image, an item that sent its pixels if any did
@@ -141,7 +160,8 @@ class Sam3Runner:
             for slot in missing:
                 if carriers[slot].pixels is None:  # evicted since `check_image` let it in
                     raise ImageNotCachedError(IMAGE_NOT_CACHED)
-            encoded = self._encode([carriers[slot].pixels for slot in missing])
+            with vision_pass:
+                encoded = self._encode([carriers[slot].pixels for slot in missing])
             for row, slot in enumerate(missing):
                 features = ImageFeatures(
                     fpn_hidden_states=tuple(level[row : row + 1].clone() for level in encoded.fpn_hidden_states),
@@ -151,13 +171,15 @@ class Sam3Runner:
                 if carriers[slot].image_key is not None:
                     self.vision_cache.put(carriers[slot].image_key, features)
         per_item = [images[slot] for slot in slots]
-        return Sam3VisionEncoderOutput(
+        encoded_slots = set(missing)
+        output = Sam3VisionEncoderOutput(
             last_hidden_state=torch.cat([features.last_hidden_state for features in per_item]),
             fpn_hidden_states=tuple(
                 torch.cat(levels) for levels in zip(*(features.fpn_hidden_states for features in per_item))
             ),
             fpn_position_encoding=tuple(level.expand(len(items), *level.shape[1:]) for level in self._position_encoding),
         )
+        return output, [vision_pass if slot in encoded_slots else None for slot in slots]
 
     def check_image(self, item: PreparedItem) -> None:
         """An item that names its image by id alone can only be answered where the image's features are."""
@@ -268,6 +290,36 @@ class Sam3Runner:
         rows = torch.arange(len(refs), device=iou.device)
         masks = result.pred_masks[rows, 0, best]
         return [PointOutput(masks[row : row + 1], iou[row, best[row]]) for row in range(len(refs))]
+
+
+class DeviceStopwatch:
+    """How long the work queued on a device inside `with` took, read without stalling the device meanwhile:
+    between two CUDA events on a GPU (read once the batch's answers are on the host, so the events have
+    passed), by the clock on a CPU, where the work is done when `with` ends."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._started = self._ended = None
+
+    def __enter__(self) -> DeviceStopwatch:
+        self._started = self._mark()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._ended = self._mark()
+
+    def _mark(self) -> torch.cuda.Event | float:
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self) -> float:
+        if not self._cuda:
+            return (self._ended - self._started) * 1000
+        self._ended.synchronize()
+        return self._started.elapsed_time(self._ended)
 
 
 def _group_key(prompt: Prompt) -> tuple:

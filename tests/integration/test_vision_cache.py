@@ -101,6 +101,25 @@ def test_the_same_new_image_twice_in_a_batch_is_encoded_once(models):
     assert (stats.misses, stats.hits, stats.images_held) == (1, 1, 1)  # the second shares the first's encoding
 
 
+def test_an_answer_says_whether_its_image_went_through_the_vit(models):
+    """`timings_ms["vision"]`: the ViT pass's time for an image encoded in the batch, 0 for one from the cache
+    (by its pixels or by its id alone); items encoded in one pass share its time."""
+    images = [random_image(60, 80, seed=seed) for seed in (10, 11)]
+    runner = runner_for(models, 10**9)
+    cold = [item(models, image, **PROMPTS["text"]) for image in images]
+    runner.run(cold)
+    assert cold[0].timings_ms["vision"] > 0 and cold[0].timings_ms["vision"] == cold[1].timings_ms["vision"]
+    warm_by_id = item(models, None, image_id=cold[0].image_key, **PROMPTS["point"])
+    warm_with_pixels = item(models, images[1], **PROMPTS["boxes"])
+    new = item(models, random_image(60, 80, seed=12), **PROMPTS["text"])
+    runner.run([warm_by_id, warm_with_pixels, new])
+    assert warm_by_id.timings_ms["vision"] == warm_with_pixels.timings_ms["vision"] == 0
+    assert new.timings_ms["vision"] > 0
+    uncached = item(models, images[0], **PROMPTS["text"])
+    runner_for(models, 0).run([uncached])
+    assert uncached.timings_ms["vision"] > 0, "without a cache every image goes through the ViT"
+
+
 def test_the_cache_keeps_to_its_byte_budget_least_recently_used_first(models):
     images = [random_image(60, 80, seed=seed) for seed in (7, 8, 9)]
     probe = runner_for(models, 10**9)

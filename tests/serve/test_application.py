@@ -280,9 +280,10 @@ def test_answers_carry_their_time_per_stage(app_url):
     response = httpx.post(app_url + "/v1/segment", content=body.model_dump_json(), headers={"content-type": "application/json"})
     assert response.status_code == 200
     timings = SegmentResponse.model_validate_json(response.content).timings_ms
-    assert set(timings) == {"preprocess", "queue", "model", "postprocess", "total"}
+    assert set(timings) == {"preprocess", "vision", "queue", "model", "postprocess", "total"}
     assert all(value >= 0 for value in timings.values())
     assert timings["total"] >= timings["preprocess"] + timings["model"] + timings["postprocess"]
+    assert timings["vision"] <= timings["model"], "the ViT pass is part of the model's time"
     assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == list(timings)
 
 

@@ -23,6 +23,7 @@ from ray import serve
 
 from client import ModelNotFoundError, Sam3HandleClient, Sam3HttpClient, SegmentRequest
 from client.errors import InvalidPromptError, Sam3Error
+from client.protocol import InfoResponse
 from client.images import encode_image
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.pipeline import Sam3Pipeline
@@ -101,6 +102,38 @@ def test_the_model_pool_holds_at_most_its_bound(clients):
     clients["http"].run(IMAGE, model_id="small", text="a red car")
     stats = serve.get_deployment_handle("Sam3ModelPool", app_name=APP_NAME).stats.remote().result(timeout_s=60)
     assert stats["models"] == ["small"], "max_models_per_replica=1: loading `small` unloaded `sam3`"
+
+
+def info_once(app_url: str, loaded: dict[str, int], timeout_s: float = 30) -> InfoResponse:
+    """`/v1/info` once it reports `loaded` (model id -> replicas): replicas report what they load to Serve's
+    controller, which tells the ingress's router, so the answer follows within seconds, not at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = InfoResponse.model_validate_json(httpx.get(app_url + "/v1/info").content)
+        if {model.model_id: model.loaded_replicas for model in info.models} == loaded or time.monotonic() > deadline:
+            return info
+        time.sleep(0.25)
+
+
+def test_info_lists_every_model_with_its_resolution_and_where_it_is_loaded(clients, checkpoints, app_url):
+    """One model replica with room for one model: asking for a model loads it there and unloads the other,
+    and `/v1/info` says so."""
+    clients["http"].run(IMAGE, model_id="small", text="a red car")
+    info = info_once(app_url, {"sam3": 0, "small": 1})
+    assert [model.model_dump() for model in info.models] == [
+        {
+            "model_id": "sam3", "checkpoint": Path(checkpoints["sam3"]).name, "default": True, "random_weights": True,
+            "image_size": 112, "loaded_replicas": 0,
+        },
+        {
+            "model_id": "small", "checkpoint": Path(checkpoints["small"]).name, "default": False,
+            "random_weights": True, "image_size": 56, "loaded_replicas": 1,
+        },
+    ]
+    assert (info.checkpoint, info.random_weights) == (Path(checkpoints["sam3"]).name, True), "the default model's"
+    clients["handle"].run(IMAGE, text="a red car")
+    info = info_once(app_url, {"sam3": 1, "small": 0})
+    assert [(model.model_id, model.loaded_replicas) for model in info.models] == [("sam3", 1), ("small", 0)]
 
 
 @pytest.mark.parametrize("kind", ["http", "handle"])

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from ray.serve.request_router import PendingRequest, ReplicaID
 
+from deployments.router_registry import replicas_by_model
 from deployments.routing import ImageAffinityRouter, home_replica
 
 REPLICAS = [f"replica-{index}" for index in range(4)]
@@ -59,6 +60,15 @@ class Replica:
         return 0
 
 
+def router_knowing(replicas: list[Replica], app_name: str = "sam3") -> ImageAffinityRouter:
+    # The handle's source only tags metrics here ("REPLICA": the ingress's handle).
+    source = SimpleNamespace(value="REPLICA")
+    router = ImageAffinityRouter(deployment_id=Deployment(app_name=app_name), handle_source=source, self_node_id="node-1")
+    router.initialize_state(overloaded_at=4)
+    router.update_replicas(replicas)
+    return router
+
+
 def route(
     replicas: list[Replica], image_keys: list[str | None], busy: dict[str, int] | None = None
 ) -> list[list[list[str]]]:
@@ -66,11 +76,7 @@ def route(
     replica ids, in a router that knows `replicas` and, for each id in `busy`, that many requests in flight."""
 
     async def choose() -> list[list[list[str]]]:
-        # The handle's source only tags metrics here ("REPLICA": the ingress's handle).
-        source = SimpleNamespace(value="REPLICA")
-        router = ImageAffinityRouter(deployment_id=Deployment(), handle_source=source, self_node_id="node-1")
-        router.initialize_state(overloaded_at=4)
-        router.update_replicas(replicas)
+        router = router_knowing(replicas)
         for replica in replicas:
             router.replica_queue_len_cache.update(replica.replica_id, (busy or {}).get(replica.replica_id.unique_id, 0))
         metadata = SimpleNamespace(multiplexed_model_id="sam3")
@@ -94,3 +100,22 @@ def test_an_overloaded_home_or_a_request_without_an_image_gets_two_choices_among
     for choices in route(replicas, [image, None] * 10, busy={home: 4}):
         assert len(choices) == 1 and len(choices[0]) == 2 and len(set(choices[0])) == 2
         assert set(choices[0]) <= {"a", "b", "c"}
+
+
+def test_the_models_each_replica_holds_are_counted_from_the_routers_of_the_application():
+    """Two routers of one application (two handles) that know the same replica count it once; another
+    application's router is not counted; a replica that reports no model counts for none. (The application
+    names are this test's own: other tests' routers may live on in the process until collected.)"""
+
+    async def count() -> tuple[Counter, Counter, Counter]:
+        holders = [Replica("a", ("sam3", "tuned")), Replica("b", ("sam3",)), Replica("c", ())]
+        routers = [
+            router_knowing(holders, "counted"),
+            router_knowing(holders[:1], "counted"),
+            router_knowing([Replica("x")], "counted-other"),
+        ]
+        counted = replicas_by_model("counted"), replicas_by_model("counted-other"), replicas_by_model("absent")
+        del routers
+        return counted
+
+    assert asyncio.run(count()) == (Counter(sam3=2, tuned=1), Counter(sam3=1), Counter())

@@ -11,7 +11,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from client.protocol import InfoResponse
+from client.protocol import InfoResponse, ModelInfo
 from deployments.config import AppArgs
 from deployments.ingress import app
 from deployments.web import PLAYGROUND_CSP, playground_html, service_info
@@ -22,26 +22,37 @@ def http():
     return TestClient(app)
 
 
-def test_service_info_names_the_checkpoint_and_says_when_its_weights_are_random(tiny112_dir):
-    info = service_info(AppArgs(models={"sam3": str(tiny112_dir)}, max_image_pixels=1000), api_key_required=True)
+def test_service_info_lists_every_model_the_default_first_and_says_which_weights_are_random(tiny112_dir):
+    args = AppArgs(models={"a-tuned": "facebook/sam3", "sam3": str(tiny112_dir)}, max_image_pixels=1000)
+    info = service_info(args, api_key_required=True, image_sizes={"sam3": 112}, replicas_by_model={"sam3": 2})
     assert info == InfoResponse(
         checkpoint=tiny112_dir.name,
         random_weights=True,
+        models=[
+            ModelInfo(
+                model_id="sam3", checkpoint=tiny112_dir.name, default=True, random_weights=True, image_size=112,
+                loaded_replicas=2,
+            ),
+            ModelInfo(
+                model_id="a-tuned", checkpoint="facebook/sam3", default=False, random_weights=False, image_size=None,
+                loaded_replicas=0,
+            ),
+        ],
         api_key_required=True,
         score_threshold=0.5,
         max_image_pixels=1000,
         max_prompt_items=64,
         max_body_bytes=100_000_000,
     )
-    real = service_info(AppArgs(models={"sam3": "facebook/sam3"}), api_key_required=False)
+    real = service_info(AppArgs(models={"sam3": "facebook/sam3"}), False, {}, {})
     assert (real.checkpoint, real.random_weights, real.api_key_required) == ("facebook/sam3", False, False)
 
 
 def test_a_checkpoint_directory_without_the_marker_is_not_random(tmp_path):
-    info = service_info(AppArgs(models={"sam3": str(tmp_path / "sam3")}), api_key_required=False)
+    info = service_info(AppArgs(models={"sam3": str(tmp_path / "sam3")}), False, {}, {})
     assert (info.checkpoint, info.random_weights) == (str(tmp_path / "sam3"), False), "not a directory: as given"
     (tmp_path / "sam3").mkdir()
-    assert service_info(AppArgs(models={"sam3": str(tmp_path / "sam3")}), api_key_required=False).random_weights is False
+    assert service_info(AppArgs(models={"sam3": str(tmp_path / "sam3")}), False, {}, {}).random_weights is False
 
 
 def test_the_page_base_follows_the_route_prefix():

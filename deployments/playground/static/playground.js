@@ -1,6 +1,8 @@
 "use strict";
 // The SAM 3 playground: one page, plain JavaScript, no build step and no library. It calls
 // POST v1/segment as every client does, decodes the COCO RLE masks itself and draws them over the image.
+// Like the Python clients, it sends an image's bytes once per model, then the answer's `image_id`, so that
+// follow-up prompts on the image reuse its vision features on the service.
 // `window.playground` exposes the pure functions and the state to the browser test.
 
 (() => {
@@ -14,6 +16,7 @@
 
   const ERROR_TITLES = {
     prompt_too_long: "The text prompt is too long for the model.",
+    model_not_found: "The service does not serve that model.",
     invalid_prompt: "The service refused the prompt.",
     invalid_image: "The service could not read the image.",
     image_too_large: "The image is too large for this service.",
@@ -131,7 +134,32 @@
     if (prompt.kind === "text" && !prompt.text.trim()) return "Type a concept to segment, e.g. cat.";
     if (prompt.kind === "boxes" && prompt.boxes.length === 0) return "Drag at least one box on the image.";
     if (prompt.kind === "points" && prompt.points.length === 0) return "Click at least one point on the image.";
+    if (prompt.kind !== "points" && prompt.maxInstances !== "" && !/^[1-9][0-9]*$/.test(prompt.maxInstances)) {
+      return "At most: a whole number of instances, 1 or more (or empty for all).";
+    }
     return null;
+  }
+
+  /** A POST v1/segment body: the image by the id an earlier answer gave for it on this model (the service
+   * then reuses its vision features), else its bytes; `max_instances` for concept prompts only (a point
+   * prompt answers one object). */
+  function segmentBody(prompt, image, modelId, imageId) {
+    const body = imageId ? { image_id: imageId } : { image: image.base64 };
+    Object.assign(body, promptFields(prompt));
+    if (modelId) body.model_id = modelId;
+    if (prompt.kind !== "points" && prompt.maxInstances !== "") body.max_instances = Number(prompt.maxInstances);
+    return body;
+  }
+
+  /** A model's line in the selector, and what its state means for the next request. */
+  function modelLabel(model) {
+    const size = model.image_size ? `, ${model.image_size} px` : "";
+    return `${model.model_id}${model.default ? " (default)" : ""}: ${model.checkpoint}${size}`;
+  }
+
+  function modelNote(model) {
+    if (model.loaded_replicas > 0) return `Loaded on ${model.loaded_replicas} replica(s).`;
+    return "Not loaded now: the first request loads it, which can take a while.";
   }
 
   // ---- State and elements
@@ -139,6 +167,8 @@
   const $ = (id) => document.getElementById(id);
   const elements = {
     banner: $("random-weights-banner"), checkpoint: $("checkpoint"), keyRow: $("api-key-row"), apiKey: $("api-key"),
+    modelRow: $("model-row"), model: $("model"), modelNote: $("model-note"),
+    maxInstancesRow: $("max-instances-row"), maxInstances: $("max-instances"),
     error: $("error"), errorTitle: $("error-title"), errorDetail: $("error-detail"),
     fileInput: $("file-input"), stage: $("stage"), imageName: $("image-name"),
     imageLayer: $("image-layer"), maskLayer: $("mask-layer"), annotationLayer: $("annotation-layer"),
@@ -151,7 +181,7 @@
   };
   const state = {
     info: null,
-    image: null, // {name, base64, width, height}
+    image: null, // {name, base64, width, height, ids: Map(model id -> the image_id answers gave for it)}
     kind: "text",
     boxes: [], // {coordinates: [x0, y0, x1, y1], label}
     points: [], // {coordinates: [x, y], label}
@@ -164,7 +194,18 @@
 
   /** A copy: the answer keeps the prompt it was made for while the user edits the next one. */
   function currentPrompt() {
-    return { kind: state.kind, text: elements.textPrompt.value, boxes: [...state.boxes], points: [...state.points] };
+    return {
+      kind: state.kind,
+      text: elements.textPrompt.value,
+      boxes: [...state.boxes],
+      points: [...state.points],
+      maxInstances: elements.maxInstances.value.trim(),
+    };
+  }
+
+  /** The model chosen in the selector (null before the service's info is read). */
+  function selectedModel() {
+    return state.info ? state.info.models.find((model) => model.model_id === elements.model.value) || null : null;
   }
 
   function shownInstances() {
@@ -200,9 +241,43 @@
       showError({ code: "connection_failed", title: "The service's info could not be read.", detail });
       return;
     }
-    elements.checkpoint.textContent = `checkpoint: ${state.info.checkpoint}`;
-    elements.banner.hidden = !state.info.random_weights;
+    renderModels();
     if (state.info.api_key_required) elements.keyRow.hidden = false;
+  }
+
+  /** The selector lists every model the service serves, keeping the choice; the selector shows only when
+   * there is a choice. The header and the banner follow the chosen model. */
+  function renderModels() {
+    const chosen = elements.model.value || state.info.models[0].model_id;
+    elements.model.replaceChildren(...state.info.models.map((model) => {
+      const option = document.createElement("option");
+      option.value = model.model_id;
+      option.textContent = modelLabel(model);
+      option.dataset.loaded = String(model.loaded_replicas > 0);
+      return option;
+    }));
+    elements.model.value = chosen;
+    elements.modelRow.hidden = state.info.models.length < 2;
+    showModel();
+  }
+
+  function showModel() {
+    const model = selectedModel();
+    elements.checkpoint.textContent = `checkpoint: ${model.checkpoint}`;
+    elements.banner.hidden = !model.random_weights;
+    elements.modelNote.textContent = modelNote(model);
+  }
+
+  /** Whether models are loaded changes as requests come: read again when the user is about to choose. */
+  async function refreshModels() {
+    try {
+      const response = await fetch(INFO_URL);
+      if (!response.ok) return;
+      state.info = await response.json();
+      renderModels();
+    } catch {
+      // the selector keeps what it showed; a request's own error says what is wrong
+    }
   }
 
   // ---- Image
@@ -226,7 +301,9 @@
       showError({ code: "invalid_image", title: "This browser cannot show that file as an image.", detail: file.name });
       return;
     }
-    state.image = { name: file.name, base64: await fileAsBase64(file), width: bitmap.width, height: bitmap.height };
+    state.image = {
+      name: file.name, base64: await fileAsBase64(file), width: bitmap.width, height: bitmap.height, ids: new Map(),
+    };
     for (const canvas of [elements.imageLayer, elements.annotationLayer]) {
       canvas.width = bitmap.width;
       canvas.height = bitmap.height;
@@ -271,6 +348,7 @@
     elements.stage.dataset.kind = kind;
     elements.textControls.hidden = kind !== "text";
     elements.geometryControls.hidden = kind === "text";
+    elements.maxInstancesRow.hidden = kind === "points";
     elements.geometryHint.textContent = kind === "boxes"
       ? "Drag boxes on the image: exemplars of the concept to find. Tick negative for an exemplar of what not to find."
       : "Click points on the object; right-click (or tick negative) for a point that is not on it.";
@@ -454,11 +532,13 @@
     }));
   }
 
-  function resultOf(response, prompt) {
+  function resultOf(response, prompt, model) {
     const order = response.scores.map((_, i) => i).sort((a, b) => response.scores[b] - response.scores[a]);
     return {
       response,
       prompt,
+      modelId: model ? model.model_id : null,
+      checkpoint: model ? model.checkpoint : null,
       instances: order.map((i, rank) => ({
         rank,
         score: response.scores[i],
@@ -472,19 +552,19 @@
   }
 
   function showTiming(response, elapsedMs) {
-    const stages = Object.entries(response.timings_ms || {})
+    const timings = response.timings_ms || {};
+    const stages = Object.entries(timings)
       .filter(([stage]) => stage !== "total")
       .map(([stage, ms]) => `${stage} ${Math.round(ms)}`)
       .join(", ");
-    const server = response.timings_ms && response.timings_ms.total !== undefined
-      ? ` (server ${Math.round(response.timings_ms.total)} ms: ${stages})`
-      : "";
-    elements.timing.textContent = `Request took ${Math.round(elapsedMs)} ms${server}.`;
+    const server = timings.total !== undefined ? ` (server ${Math.round(timings.total)} ms: ${stages})` : "";
+    const cached = timings.vision === 0 ? " The image's vision features came from the service's cache." : "";
+    elements.timing.textContent = `Request took ${Math.round(elapsedMs)} ms${server}.${cached}`;
   }
 
   // ---- Segment
 
-  function showAnswer(response, text, prompt, elapsedMs) {
+  function showAnswer(response, text, prompt, model, elapsedMs) {
     if (!response.ok) {
       const error = describeError(response.status, text, response.headers.get("Retry-After"));
       setResult(null);
@@ -493,7 +573,7 @@
       return;
     }
     const answer = JSON.parse(text);
-    setResult(resultOf(answer, prompt));
+    setResult(resultOf(answer, prompt, model));
     showTiming(answer, elapsedMs);
   }
 
@@ -511,13 +591,27 @@
     const key = elements.apiKey.value.trim();
     if (key) headers.Authorization = `Bearer ${key}`;
     const image = state.image;
+    const model = selectedModel();
+    const modelId = model ? model.model_id : null;
     const started = performance.now();
-    try {
-      const body = JSON.stringify({ image: image.base64, ...promptFields(prompt) });
+    const send = async (imageId) => {
+      const body = JSON.stringify(segmentBody(prompt, image, modelId, imageId));
       const response = await fetch(SEGMENT_URL, { method: "POST", headers, body });
-      const text = await response.text();
+      return { response, text: await response.text() };
+    };
+    try {
+      const imageId = image.ids.get(modelId);
+      let { response, text } = await send(imageId);
+      if (imageId && describeError(response.status, text).code === "image_not_cached") {
+        image.ids.delete(modelId); // the service let the image's features go: send the image again
+        ({ response, text } = await send(null));
+      }
+      if (response.ok) {
+        const imageId = JSON.parse(text).image_id;
+        if (imageId) image.ids.set(modelId, imageId);
+      }
       // An answer about an image the user has since replaced is dropped.
-      if (state.image === image) showAnswer(response, text, prompt, performance.now() - started);
+      if (state.image === image) showAnswer(response, text, prompt, model, performance.now() - started);
     } catch (error) {
       setResult(null);
       const detail = String(error.message || error);
@@ -569,7 +663,8 @@
       width: response.width,
       height: response.height,
       prompt: promptFields(prompt),
-      checkpoint: state.info ? state.info.checkpoint : null,
+      model_id: state.result.modelId,
+      checkpoint: state.result.checkpoint,
       min_score: state.minScore,
       instances: shownInstances().map((instance) => ({
         score: instance.score, box: instance.box, label: instance.label, mask: instance.rle,
@@ -611,6 +706,8 @@
       renderPrompts();
     });
     elements.segment.addEventListener("click", segment);
+    elements.model.addEventListener("change", showModel);
+    elements.model.addEventListener("focus", refreshModels);
     elements.minScore.addEventListener("input", () => {
       state.minScore = Number(elements.minScore.value);
       state.highlighted = null;
@@ -663,7 +760,9 @@
     window.addEventListener("resize", fitStage);
   }
 
-  window.playground = { rleCounts, maskPixels, decodeRle, colourOf, describeError, promptFields, state };
+  window.playground = {
+    rleCounts, maskPixels, decodeRle, colourOf, describeError, promptFields, segmentBody, modelLabel, state,
+  };
   wire();
   setKind("text");
   loadInfo();
