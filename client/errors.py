@@ -59,6 +59,19 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     http_status = 415
 
 
+class InvalidVideoError(InvalidRequestError):
+    """The video cannot be decoded: not a video file, no video stream, no frames, or it breaks off."""
+
+    code = "invalid_video"
+
+
+class VideoTooLongError(InvalidRequestError):
+    """The video has more frames than the server accepts."""
+
+    code = "video_too_long"
+    http_status = 413
+
+
 class InvalidPromptError(InvalidRequestError):
     """The prompt (text, points, boxes or labels) is missing or malformed."""
 
