@@ -54,7 +54,7 @@ from ray import serve
 
 from benchmarks.machine import cpu_name, git_commit
 from client.protocol import SEGMENT_PATH
-from tests.serve.app_runner import deployment, replica_stats
+from tests.serve.app_runner import deployment, ingress_actor, replica_stats
 from tools.launch import APP_NAME, REPO, cpu_config, free_port, serve_run, start_local_ray
 from tools.profiles import MODEL_POOL
 from tools.tiny_checkpoint import build_tiny_checkpoint
@@ -271,14 +271,6 @@ def _traced_growth(actor) -> str:
         frames = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno}" for frame in recent_first)
         lines.append(f"- {difference.size_diff / 1e6:+.2f} MB in {difference.count_diff:+d} blocks: {frames}")
     return "\n".join(lines)
-
-
-def ingress_actor():
-    """The ingress replica's actor (one replica in the CPU profile)."""
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#Sam3Ingress#"):
-            return ray.get_actor(actor["name"], namespace=actor["namespace"])
-    raise RuntimeError("no ingress replica found")
 
 
 def cache_hit_rate(replicas: int) -> str:

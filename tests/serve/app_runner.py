@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ray
 from ray import serve
 
 from tools.launch import APP_NAME, REPO, SERVE_CONFIG, cpu_config, free_port, serve_run, serve_start, wait_until_running
@@ -13,6 +14,8 @@ __all__ = [
     "cpu_config",
     "deployment",
     "free_port",
+    "ingress_actor",
+    "ingress_references",
     "replica_count",
     "replica_stats",
     "serve_run",
@@ -49,3 +52,21 @@ def replica_stats(replicas: int, deployment_name: str = "Sam3ModelPool") -> dict
         if len(seen) == replicas:
             return seen
     raise TimeoutError(f"only {len(seen)} of {replicas} replicas of {deployment_name} answered")
+
+
+def ingress_actor() -> ray.actor.ActorHandle:
+    """The ingress replica's actor (one replica in the CPU profile), to run code inside it."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#Sam3Ingress#"):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise RuntimeError("no ingress replica found")
+
+
+def _held_references(_actor) -> int:
+    """Runs inside a replica: how many objects its core worker holds references to."""
+    return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+
+
+def ingress_references() -> int:
+    """The objects the ingress replica holds references to (its own results and what it passed on)."""
+    return ray.get(ingress_actor().__ray_call__.remote(_held_references))

@@ -37,7 +37,15 @@ from sam3_serve_core.polygons import mask_polygons
 from tests.answers import assert_close_answer, assert_same_answer, expect
 from tests.conftest import random_image
 from tests.integration.test_parity import assert_same_segmentation, pipeline_for, reference_for
-from tests.serve.app_runner import APP_NAME, SERVE_CONFIG, cpu_config, deployment, model_pool_batch_sizes, serve_run
+from tests.serve.app_runner import (
+    APP_NAME,
+    SERVE_CONFIG,
+    cpu_config,
+    deployment,
+    ingress_references,
+    model_pool_batch_sizes,
+    serve_run,
+)
 from tests.unit.test_polygons import assert_drawn_back_within
 
 IMAGE = random_image(90, 130, seed=7)
@@ -285,6 +293,19 @@ def test_answers_carry_their_time_per_stage(app_url):
     assert timings["total"] >= timings["preprocess"] + timings["model"] + timings["postprocess"]
     assert timings["vision"] <= timings["model"], "the ViT pass is part of the model's time"
     assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == list(timings)
+
+
+def test_the_ingress_lets_go_of_every_request_it_answered(http_client):
+    """The ingress passes each request's prepared item on to the model pool by reference; once answered,
+    nothing of it stays. Serve's index of pending requests by model would keep every one, and its prepared
+    image with it, without the router's pruning (`ImageAffinityRouter._forget_routed_requests`): 200
+    requests left 200 more references, and the memory grew by about 40 kB a request at 112 px."""
+    http_client.run(IMAGE, text="cat")
+    before = ingress_references()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda _: http_client.run(IMAGE, text="cat"), range(200)))
+    grown = ingress_references() - before
+    assert grown < 50, f"the ingress holds {grown} more references after 200 answered requests"
 
 
 def png_bytes() -> bytes:
