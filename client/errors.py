@@ -111,6 +111,13 @@ class ImageNotCachedError(NotFoundError):
     code = "image_not_cached"
 
 
+class SessionNotFoundError(NotFoundError):
+    """The video session is gone: it ended, was evicted (idle too long, or for room), or its replica was lost.
+    Start a new session."""
+
+    code = "session_not_found"
+
+
 class ServiceUnavailableError(Sam3Error):
     """The service is overloaded or starting: retrying later may succeed."""
 
