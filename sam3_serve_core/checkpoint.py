@@ -79,12 +79,12 @@ def geometry_of(config: PretrainedConfig) -> ModelGeometry:
 
 def load_geometry(checkpoint: str) -> ModelGeometry:
     """The checkpoint's sizes from its config alone, for CPU stages that never load the weights."""
-    return geometry_of(_from_pretrained(AutoConfig, checkpoint))
+    return geometry_of(from_pretrained(AutoConfig, checkpoint))
 
 
 def load_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
     """The checkpoint's CLIP tokenizer (the CPU preprocessor needs only this, not the weights)."""
-    return _from_pretrained(AutoTokenizer, checkpoint)
+    return from_pretrained(AutoTokenizer, checkpoint)
 
 
 def resolve_device(device: str) -> str:
@@ -124,8 +124,8 @@ def load_sam3(
     torch_dtype = DTYPES[dtype]
     if is_tiny_checkpoint(checkpoint):
         logger.warning("%s is a tiny random-weight test checkpoint: its masks are meaningless", checkpoint)
-    detector = _from_pretrained(Sam3Model, checkpoint, dtype=torch_dtype)
-    tracker = _from_pretrained(Sam3TrackerModel, checkpoint, dtype=torch_dtype)
+    detector = from_pretrained(Sam3Model, checkpoint, dtype=torch_dtype)
+    tracker = from_pretrained(Sam3TrackerModel, checkpoint, dtype=torch_dtype)
     tracker.vision_encoder.backbone = detector.vision_encoder.backbone
     target = torch.device(device)
     detector.to(target).eval()
@@ -144,7 +144,7 @@ def load_sam3(
     )
 
 
-def _from_pretrained(cls, checkpoint: str, **kwargs):
+def from_pretrained(cls, checkpoint: str, **kwargs):
     """`cls.from_pretrained`, with an error that says what to do when the directory or hub name fails."""
     if Path(checkpoint).is_dir():
         _check_sam3_directory(checkpoint)

@@ -73,8 +73,10 @@ def _binary_chunks(
 ) -> Iterator[torch.Tensor]:
     """Resize ``chunk_size`` masks at a time so all K never exist at full resolution in float.
 
-    Bilinear interpolation is per channel, so a chunk of channels gives the same bits as
-    transformers' single call on all K channels of one batch item.
+    Bilinear interpolation is per channel, but the CPU kernel vectorises differently by channel count (8 or
+    more take another path), so a chunk's values can differ from transformers' single call on all K masks in
+    the last bit: the masks are the same except at a pixel whose value sits on the threshold to within that
+    bit. A chunk that holds all K masks is transformers' own call.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

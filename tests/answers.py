@@ -260,3 +260,29 @@ def assert_same_answer(actual: Any, expected: Any) -> None:
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.boxes, b.boxes)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+# How near the threshold a resized mask value may sit for chunked and whole resizes to disagree on its pixel:
+# far above float32's last bit on the values compared (probabilities, and tracker logits up to ~50).
+RESIZED_VALUE_TOLERANCE = 1e-5
+
+
+def assert_same_masks_off_threshold(masks: np.ndarray, other: np.ndarray, logits, height: int, width: int, to_uint8) -> None:
+    """Two resizes of the same mask logits (chunked differently) agree on every pixel whose resized value is not
+    within `RESIZED_VALUE_TOLERANCE` of the threshold (`sam3_serve_core.masks._binary_chunks`)."""
+    import torch.nn.functional as F
+
+    from sam3_serve_core.masks import (
+        CONCEPT_MASK_THRESHOLD,
+        TRACKER_MASK_THRESHOLD,
+        concept_masks_to_uint8,
+    )
+
+    if logits.shape[0] == 0:
+        assert masks.shape == other.shape
+        return
+    values = logits.double().sigmoid() if to_uint8 is concept_masks_to_uint8 else logits.double()
+    threshold = CONCEPT_MASK_THRESHOLD if to_uint8 is concept_masks_to_uint8 else TRACKER_MASK_THRESHOLD
+    resized = F.interpolate(values.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)[0]
+    off_threshold = ~((resized - threshold).abs() <= RESIZED_VALUE_TOLERANCE).numpy()
+    np.testing.assert_array_equal(masks[off_threshold], other[off_threshold])

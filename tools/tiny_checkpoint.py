@@ -6,7 +6,7 @@ scores straddle the 0.5 threshold and every code path (kept and dropped instance
 
     python -m tools.tiny_checkpoint OUT_DIR [--preset tiny|mid|full] [--size PX]
 
-Presets: `tiny` (112 px, every width 32: tests and demos), `mid` (504 px, a 12-layer ViT that dominates
+Presets: `tiny` (112 px, a ViT 32 wide and heads 128: tests and demos), `mid` (504 px, a 12-layer ViT that dominates
 the cost: CPU benchmarks), `full` (1008 px, `facebook/sam3`'s own configuration, ~860M parameters,
 3.4 GB: GPU benchmarks, where random weights cost the same compute as real ones).
 
@@ -32,10 +32,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import (
     CLIPTokenizer,
+    Sam2VideoVideoProcessor,
     Sam3ImageProcessor,
-    Sam3Processor,
     Sam3VideoConfig,
     Sam3VideoModel,
+    Sam3VideoProcessor,
 )
 
 from sam3_serve_core.checkpoint_marker import TINY_MARKER_FILE
@@ -46,16 +47,23 @@ TEXT_MAX_TOKENS = 32
 # Calibration. Concept heads: a presence logit near its clamp (10) makes the presence score ~1, and a
 # larger query projection spreads the per-query logits, so scores straddle 0.5 with wide margins. At
 # initialisation those logits have a spread of about 0.02**2 * width * gain: QUERY_PROJ_GAIN_X_WIDTH / width
-# makes it ~5 at every width (the gain is 400 at the tiny preset's 32).
-# Concept masks: a larger mask embedding moves the mask logits from ~1e-4 to ~1 (tiny; more when wider),
-# away from the threshold.
+# makes it ~5 at every width (the gain is 100 at the tiny preset's 128).
+# Concept masks: a larger mask embedding moves the mask logits from ~1e-4 to ~1-10, away from the threshold;
+# at initialisation the logits grow about as the width cubed (measured: 43x from 32 to 128), so the gain
+# shrinks as that: 10000 at width 32, 156 at 128.
 # Tracker head: distinct IoU biases so the best of the three multimask outputs is not a near-tie (and
 # is not the first), and a larger mask projection so few mask logits sit near the 0 threshold.
 PRESENCE_BIAS = 8.0
 QUERY_PROJ_GAIN_X_WIDTH = 12800.0
-CONCEPT_MASK_GAIN = 10000.0
+CONCEPT_MASK_GAIN_X_WIDTH_CUBED = 10000.0 * 32**3
 TRACKER_IOU_BIAS = (0.0, -1.0, 1.0, 0.0)
 TRACKER_MASK_GAIN = 20000.0
+# The tracker's object-score head: +10 says "the clicked object is there", so video tracking keeps every
+# clicked object (at random initialisation it says "gone" and every video mask is empty).
+TRACKER_OBJECT_SCORE_BIAS = 10.0
+# transformers' video tracker reads 64 memory channels whatever the config says (`kv_in_dim=64`), and needs
+# heads wider than that and a multiple of it: the tiny preset's heads are 128 wide, its ViT 32.
+VIDEO_MEMORY_CHANNELS = 64
 
 
 def _grid(image_size: int) -> int:
@@ -110,7 +118,7 @@ def _scaled_config(image_size: int, vit: dict, width: int, heads: int, num_queri
         "memory_attention_hidden_size": width,
         "memory_attention_feed_forward_hidden_size": 2 * width,
         "memory_encoder_hidden_size": width,
-        "memory_encoder_output_channels": width // 2,
+        "memory_encoder_output_channels": VIDEO_MEMORY_CHANNELS,
         "mask_downsampler_embed_dim": width,
         "memory_fuser_embed_dim": width,
         "memory_fuser_intermediate_dim": 2 * width,
@@ -119,7 +127,8 @@ def _scaled_config(image_size: int, vit: dict, width: int, heads: int, num_queri
 
 
 def tiny_config(image_size: int = 112) -> Sam3VideoConfig:
-    """Every width 32, one or two layers per stack: builds in a second, for tests and demos."""
+    """A ViT 32 wide, heads as narrow as the video tracker allows (128), one or two layers per stack: builds in a
+    second, for tests and demos."""
     vit = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -129,12 +138,12 @@ def tiny_config(image_size: int = 112) -> Sam3VideoConfig:
         "global_attn_indexes": [1],
         "pretrain_image_size": image_size,
     }
-    return _scaled_config(image_size, vit, width=32, heads=2, num_queries=20)
+    return _scaled_config(image_size, vit, width=2 * VIDEO_MEMORY_CHANNELS, heads=2, num_queries=20)
 
 
 def mid_config(image_size: int = 504) -> Sam3VideoConfig:
     """A 12-layer ViT that dominates the cost, windowed like the real one (3x3 windows, every sixth layer
-    global as every eighth of the real 32); heads 64 wide."""
+    global as every eighth of the real 32); heads 128 wide."""
     window = max(1, _grid(image_size) // 3)
     vit = {
         "hidden_size": 384,
@@ -145,7 +154,7 @@ def mid_config(image_size: int = 504) -> Sam3VideoConfig:
         "global_attn_indexes": [5, 11],
         "pretrain_image_size": window * PATCH_SIZE,
     }
-    return _scaled_config(image_size, vit, width=64, heads=2, num_queries=50)
+    return _scaled_config(image_size, vit, width=2 * VIDEO_MEMORY_CHANNELS, heads=2, num_queries=50)
 
 
 def full_config(image_size: int = 1008) -> Sam3VideoConfig:
@@ -187,9 +196,11 @@ def random_state_dict(config: Sam3VideoConfig, seed: int) -> dict[str, torch.Ten
     with torch.no_grad():
         state["detector_model.detr_decoder.presence_head.layer3.bias"].fill_(PRESENCE_BIAS)
         state["detector_model.dot_product_scoring.query_proj.weight"].mul_(query_proj_gain)
-        state["detector_model.mask_decoder.mask_embedder.layers.2.weight"].mul_(CONCEPT_MASK_GAIN)
-        state["detector_model.mask_decoder.mask_embedder.layers.2.bias"].mul_(CONCEPT_MASK_GAIN)
+        mask_gain = CONCEPT_MASK_GAIN_X_WIDTH_CUBED / config.detector_config.mask_decoder_config.hidden_size**3
+        state["detector_model.mask_decoder.mask_embedder.layers.2.weight"].mul_(mask_gain)
+        state["detector_model.mask_decoder.mask_embedder.layers.2.bias"].mul_(mask_gain)
         state["tracker_model.mask_decoder.iou_prediction_head.proj_out.bias"].copy_(torch.tensor(TRACKER_IOU_BIAS))
+        state["tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias"].fill_(TRACKER_OBJECT_SCORE_BIAS)
         for key, tensor in state.items():
             if key.startswith("tracker_model.mask_decoder.output_hypernetworks_mlps.") and key.endswith("proj_out.weight"):
                 tensor.mul_(TRACKER_MASK_GAIN)
@@ -212,10 +223,16 @@ def build_tiny_checkpoint(
     save_file(random_state_dict(config, seed), out_dir / "model.safetensors", metadata={"format": "pt"})
     vocab, merges = clip_vocab_and_merges()
     grid = image_size // PATCH_SIZE
-    processor = Sam3Processor(
-        image_processor=Sam3ImageProcessor(
-            size={"height": image_size, "width": image_size},
-            mask_size={"height": 4 * grid, "width": 4 * grid},
+    image_processor = Sam3ImageProcessor(
+        size={"height": image_size, "width": image_size},
+        mask_size={"height": 4 * grid, "width": 4 * grid},
+    )
+    # The video processor's config holds the image processor's and the tokenizer's too: every SAM 3 processor
+    # (image, tracker, video, tracker video) loads from it.
+    processor = Sam3VideoProcessor(
+        image_processor=image_processor,
+        video_processor=Sam2VideoVideoProcessor(
+            size=image_processor.size, image_mean=image_processor.image_mean, image_std=image_processor.image_std
         ),
         tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_TOKENS),
     )
