@@ -2,7 +2,8 @@
 inside a Ray cluster.
 
 All three implement the one API of client-api.txt (`run`, `run_with_detections`; the asyncio client's are
-coroutines) and raise only the typed errors below. Importing this package needs light libraries only (no torch, no Ray).
+coroutines) and raise only the typed errors below. The blocking two also track objects through videos
+(`track`, and `masklets` to collect its frames per object). Importing this package needs light libraries only (no torch, no Ray).
 """
 
 from client.errors import (
@@ -13,13 +14,17 @@ from client.errors import (
     InvalidImageError,
     InvalidPromptError,
     InvalidRequestError,
+    InvalidVideoError,
     ModelNotFoundError,
     NotFoundError,
     PromptTooLongError,
     RequestTimeoutError,
     Sam3Error,
     ServiceUnavailableError,
+    SessionNotFoundError,
+    VideoTooLongError,
 )
+from client._video import masklets
 from client.async_http_client import AsyncSam3HttpClient
 from client.handle_client import Sam3HandleClient
 from client.http_client import Sam3HttpClient
@@ -34,6 +39,7 @@ __all__ = [
     "InvalidImageError",
     "InvalidPromptError",
     "InvalidRequestError",
+    "InvalidVideoError",
     "ModelNotFoundError",
     "NotFoundError",
     "PromptTooLongError",
@@ -44,4 +50,7 @@ __all__ = [
     "SegmentRequest",
     "SegmentResponse",
     "ServiceUnavailableError",
+    "SessionNotFoundError",
+    "VideoTooLongError",
+    "masklets",
 ]

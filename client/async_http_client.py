@@ -14,6 +14,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from itertools import islice
+from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import httpx
@@ -31,10 +32,23 @@ from client._api import (
     without_tracebacks,
 )
 from client.errors import Sam3Error
-from client.http_client import HttpApi, checked, segment_response, transport_failure
-from client.images import ImageInput
+from client._video import VideoInput, frame_result, line_frame, video_bytes, video_prompt
+from client.http_client import (
+    OCTET_STREAM,
+    HttpApi,
+    VideoCall,
+    checked,
+    open_video_call,
+    parsed,
+    prompt_video_call,
+    push_frame_call,
+    segment_response,
+    transport_failure,
+)
+from client.images import ImageInput, encode_image
 from client.protocol import HEALTH_PATH, READY_PATH, SEGMENT_PATH, SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy, drive_async
+from client.video_protocol import TrackLine, TrackRequest, VideoSessionInfo, video_session_path
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -204,6 +218,114 @@ class AsyncSam3HttpClient(ClientCore):
         request = request.model_copy(update={"timeout_s": remaining})
         return segment_response(await self._send("POST", SEGMENT_PATH, timeout=remaining, json_body=request.model_dump_json()))
 
+    # --- video sessions: `Sam3HttpClient`'s calls as coroutines (`client._video` documents them) -------------
+
+    async def track(
+        self,
+        video: VideoInput,
+        text: str | Sequence[str] | None = None,
+        points: Any = None,
+        labels: Any = None,
+        boxes: Any = None,
+        frame: int = 0,
+        object_ids: Sequence[int] | None = None,
+        *,
+        model_id: str | None = None,
+        start_frame: int | None = None,
+        max_frames: int | None = None,
+        reverse: bool = False,
+        rle_masks: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`Sam3HttpClient.track`: each frame's objects as the service computes them."""
+        prompt = video_prompt(text, points, labels, boxes, frame, object_ids)
+        session = await self.open_video(video, model_id=model_id, timeout=timeout)
+        try:
+            await self._video_call(prompt_video_call(session.session_id, prompt), timeout)
+            async for tracked in self.track_session(
+                session.session_id,
+                start_frame=start_frame,
+                max_frames=max_frames,
+                reverse=reverse,
+                rle_masks=rle_masks,
+                timeout=timeout,
+            ):
+                yield tracked
+        finally:
+            await self.close_video(session.session_id, timeout=timeout)
+
+    async def open_video(self, video: VideoInput | None = None, *, model_id: str | None = None, timeout: float | None = None) -> VideoSessionInfo:
+        if video is None or isinstance(video, (str, Path, bytes, bytearray)):
+            data = None if video is None else await asyncio.to_thread(video_bytes, video)
+            return await self._video_call(open_video_call(data, model_id), timeout)
+        session = await self._video_call(open_video_call(None, model_id), timeout)
+        try:
+            for rgb in video:
+                image = await asyncio.to_thread(encode_image, rgb, timeout=timeout)
+                await self._video_call(push_frame_call(session.session_id, image), timeout)
+        except BaseException:
+            await self.close_video(session.session_id, timeout=timeout)
+            raise
+        return await self.video_session(session.session_id, timeout=timeout)
+
+    async def prompt_video(
+        self,
+        session_id: str,
+        text: str | Sequence[str] | None = None,
+        points: Any = None,
+        labels: Any = None,
+        boxes: Any = None,
+        frame: int = 0,
+        object_ids: Sequence[int] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | None:
+        request = video_prompt(text, points, labels, boxes, frame, object_ids)
+        answer = await self._video_call(prompt_video_call(session_id, request), timeout)
+        return None if answer.frame is None else await asyncio.to_thread(frame_result, answer.frame)
+
+    async def track_session(
+        self,
+        session_id: str,
+        *,
+        start_frame: int | None = None,
+        max_frames: int | None = None,
+        reverse: bool = False,
+        rle_masks: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        request = TrackRequest(start_frame=start_frame, max_frames=max_frames, reverse=reverse)
+        timeout = self._timeout_for(timeout)
+        json_body = request.model_dump_json()
+        url, headers, request_id = self._api.prepare(video_session_path(session_id, "track"), json_body)
+        try:
+            async with self._http.stream("POST", url, content=json_body, headers=headers, timeout=timeout) as response:
+                if not response.is_success:
+                    await response.aread()
+                    checked(response, request_id)
+                async for text in response.aiter_lines():
+                    if text and (frame := await asyncio.to_thread(line_frame, TrackLine.model_validate_json(text), rle_masks)):
+                        yield frame
+        except httpx.HTTPError as error:
+            raise transport_failure("POST", url, timeout, error, request_id) from error
+
+    async def push_frame(self, session_id: str, frame: Any, *, timeout: float | None = None) -> dict[str, Any]:
+        image = await asyncio.to_thread(encode_image, frame, timeout=timeout)
+        tracked = await self._video_call(push_frame_call(session_id, image), timeout)
+        return await asyncio.to_thread(frame_result, tracked)
+
+    async def video_session(self, session_id: str, *, timeout: float | None = None) -> VideoSessionInfo:
+        return await self._video_call(VideoCall("GET", video_session_path(session_id), answer=VideoSessionInfo), timeout)
+
+    async def close_video(self, session_id: str, *, timeout: float | None = None) -> None:
+        await self._video_call(VideoCall("DELETE", video_session_path(session_id)), timeout)
+
+    async def _video_call(self, call: VideoCall, timeout: float | None):
+        response = await self._send(
+            call.method, call.path, timeout=self._timeout_for(timeout), json_body=call.json_body, content=call.content
+        )
+        return None if call.answer is None else parsed(call.answer, response)
+
     async def _answers(self, path: str) -> bool:
         try:
             await self._send("GET", path, timeout=self.timeout)
@@ -211,11 +333,13 @@ class AsyncSam3HttpClient(ClientCore):
             return False
         return True
 
-    async def _send(self, method: str, path: str, *, timeout: float | None, json_body: str | None = None) -> httpx.Response:
-        """The network layer: one request, every failure as a `client.errors` type."""
-        url, headers, request_id = self._api.prepare(path, json_body)
+    async def _send(
+        self, method: str, path: str, *, timeout: float | None, json_body: str | None = None, content: bytes | None = None
+    ) -> httpx.Response:
+        """The network layer: one request, every failure as a `client.errors` type. `content` is sent as bytes."""
+        url, headers, request_id = self._api.prepare(path, json_body, None if content is None else OCTET_STREAM)
         try:
-            response = await self._http.request(method, url, content=json_body, headers=headers, timeout=timeout)
+            response = await self._http.request(method, url, content=json_body or content, headers=headers, timeout=timeout)
         except httpx.HTTPError as error:
             raise transport_failure(method, url, timeout, error, request_id) from error
         return checked(response, request_id)

@@ -9,18 +9,28 @@ failed call with a traceback. Ray is imported only when a request is made, so `i
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from client._api import SegmentClient
+from client._video import VideoClient
 from client.errors import NotFoundError, RequestTimeoutError, Sam3Error, ServiceUnavailableError, error_from_code
 from client.protocol import SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy
+from client.video_protocol import (
+    TrackedFrame,
+    TrackLine,
+    TrackRequest,
+    VideoPromptRequest,
+    VideoPromptResponse,
+    VideoSessionInfo,
+)
 
 # One lock for every client (a lookup happens once per client), so a client still pickles into Ray tasks.
 _LOOKUP_LOCK = threading.Lock()
 
 
-class Sam3HandleClient(SegmentClient):
+class Sam3HandleClient(SegmentClient, VideoClient):
     """Segment images through the Serve application's handle; construct it anywhere, it connects on first use."""
 
     def __init__(
@@ -49,12 +59,17 @@ class Sam3HandleClient(SegmentClient):
         )
         self.app_name = app_name
         self._handle: Any = None
+        self._app: Any = None
 
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
-        segment = self._segment_handle()
+        return self._call(self._segment_handle(), timeout, request)
+
+    @staticmethod
+    def _call(method: Any, timeout: float | None, *args: Any) -> Any:
+        """One call of an ingress method: its answer, or the typed error it returned or failed with."""
         response = None
         try:
-            response = segment.remote(request)
+            response = method.remote(*args)
             answer = response.result(timeout_s=timeout)
         except Exception as error:
             typed = as_sam3_error(error)
@@ -66,6 +81,40 @@ class Sam3HandleClient(SegmentClient):
             typed.request_id = answer.request_id or response.request_id
             raise typed
         return answer
+
+    # --- video sessions (`client._video` makes them `track()` and the session calls) -----------------------
+
+    def _open_video(self, video: bytes | None, model_id: str | None, timeout: float | None) -> VideoSessionInfo:
+        return self._call(self._app_handle().open_video, timeout, video, model_id)
+
+    def _prompt_video(self, session_id: str, request: VideoPromptRequest, timeout: float | None) -> VideoPromptResponse:
+        return self._call(self._app_handle().prompt_video, timeout, session_id, request)
+
+    def _push_video_frame(self, session_id: str, image: bytes, timeout: float | None) -> TrackedFrame:
+        return self._call(self._app_handle().push_video_frame, timeout, session_id, image)
+
+    def _video_session(self, session_id: str, timeout: float | None) -> VideoSessionInfo:
+        return self._call(self._app_handle().video_session, timeout, session_id)
+
+    def _close_video(self, session_id: str, timeout: float | None) -> None:
+        self._call(self._app_handle().close_video, timeout, session_id)
+
+    def _track_video(self, session_id: str, request: TrackRequest, timeout: float | None) -> Iterator[TrackLine]:
+        """The ingress's stream, line by line as the replica computes them (Serve's streaming handle call)."""
+        lines = self._app_handle().options(stream=True).track_video.remote(session_id, request)
+        try:
+            yield from lines
+        except Exception as error:
+            raise as_sam3_error(error) from error
+
+    def _app_handle(self) -> Any:
+        """The application's ingress handle, looked up once (after `_segment_handle`'s, under the same lock)."""
+        if self._app is None:
+            self._segment_handle()
+            with _LOOKUP_LOCK:
+                if self._app is None:
+                    self._app = _get_app_handle(self.app_name)
+        return self._app
 
     def _segment_handle(self) -> Any:
         """Looked up once, on first use, under a lock: a missing application is a `NotFoundError`.

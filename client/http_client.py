@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlencode
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from client._api import SegmentClient
+from client._video import VideoClient
 from client.errors import (
     AuthenticationError,
     ConnectionFailedError,
@@ -29,6 +34,19 @@ from client.protocol import (
     SegmentResponse,
 )
 from client.retry import RetryPolicy
+from client.video_protocol import (
+    VIDEOS_PATH,
+    TrackedFrame,
+    TrackLine,
+    TrackRequest,
+    VideoPromptRequest,
+    VideoPromptResponse,
+    VideoSessionInfo,
+    video_session_path,
+)
+
+M = TypeVar("M", bound=BaseModel)
+OCTET_STREAM = "application/octet-stream"
 
 # Error bodies that are not our JSON (a proxy's HTML page, say) are typed by their status alone.
 _ERRORS_BY_STATUS: dict[int, type[Sam3Error]] = {
@@ -50,16 +68,19 @@ class HttpApi:
         self.base_url = base_url.rstrip("/") + _normalized_prefix(route_prefix)
         self._api_key = api_key
 
-    def prepare(self, path: str, json_body: str | None) -> tuple[str, dict[str, str], str]:
-        """The URL, the headers and the request id (sent as X-Request-Id: the server logs a failure under it)."""
+    def prepare(self, path: str, json_body: str | None, content_type: str | None = None) -> tuple[str, dict[str, str], str]:
+        """The URL, the headers and the request id (sent as X-Request-Id: the server logs a failure under it).
+        The body is JSON when `json_body` is given, else of `content_type`, if any."""
         request_id = uuid.uuid4().hex
-        return self.base_url + path, self._headers(json_body, request_id), request_id
+        if json_body is not None:
+            content_type = "application/json"
+        return self.base_url + path, self._headers(content_type, request_id), request_id
 
-    def _headers(self, json_body: str | None, request_id: str) -> dict[str, str]:
+    def _headers(self, content_type: str | None, request_id: str) -> dict[str, str]:
         """Per request, not on the httpx client, so image URLs fetched with it never see the API key."""
         headers = {REQUEST_ID_HEADER: request_id}
-        if json_body is not None:
-            headers["content-type"] = "application/json"
+        if content_type is not None:
+            headers["content-type"] = content_type
         if self._api_key is not None:
             headers["authorization"] = f"Bearer {self._api_key}"
         return headers
@@ -83,13 +104,17 @@ def checked(response: httpx.Response, request_id: str) -> httpx.Response:
 
 
 def segment_response(response: httpx.Response) -> SegmentResponse:
+    return parsed(SegmentResponse, response)
+
+
+def parsed(model: type[M], response: httpx.Response) -> M:
     try:
-        return SegmentResponse.model_validate_json(response.content)
+        return model.model_validate_json(response.content)
     except ValidationError as error:
         raise Sam3Error(f"malformed response from {response.request.url}: {error}") from error
 
 
-class Sam3HttpClient(SegmentClient):
+class Sam3HttpClient(SegmentClient, VideoClient):
     """Segment images through the service's HTTP API; one connection pool, so reuse the client."""
 
     def __init__(
@@ -151,14 +176,77 @@ class Sam3HttpClient(SegmentClient):
     def _segment(self, request: SegmentRequest, timeout: float | None) -> SegmentResponse:
         return segment_response(self._send("POST", SEGMENT_PATH, timeout=timeout, json_body=request.model_dump_json()))
 
-    def _send(self, method: str, path: str, *, timeout: float | None, json_body: str | None = None) -> httpx.Response:
-        """The network layer: one request, every failure as a `client.errors` type."""
-        url, headers, request_id = self._api.prepare(path, json_body)
+    def _send(
+        self, method: str, path: str, *, timeout: float | None, json_body: str | None = None, content: bytes | None = None
+    ) -> httpx.Response:
+        """The network layer: one request, every failure as a `client.errors` type. `content` is sent as bytes."""
+        url, headers, request_id = self._api.prepare(path, json_body, None if content is None else OCTET_STREAM)
         try:
-            response = self._http.request(method, url, content=json_body, headers=headers, timeout=timeout)
+            response = self._http.request(method, url, content=json_body or content, headers=headers, timeout=timeout)
         except httpx.HTTPError as error:
             raise transport_failure(method, url, timeout, error, request_id) from error
         return checked(response, request_id)
+
+    # --- video sessions (`client._video` makes them `track()` and the session calls) -----------------------
+
+    def _video_call(self, call: VideoCall, timeout: float | None):
+        response = self._send(call.method, call.path, timeout=timeout, json_body=call.json_body, content=call.content)
+        return None if call.answer is None else parsed(call.answer, response)
+
+    def _open_video(self, video: bytes | None, model_id: str | None, timeout: float | None) -> VideoSessionInfo:
+        return self._video_call(open_video_call(video, model_id), timeout)
+
+    def _prompt_video(self, session_id: str, request: VideoPromptRequest, timeout: float | None) -> VideoPromptResponse:
+        return self._video_call(prompt_video_call(session_id, request), timeout)
+
+    def _push_video_frame(self, session_id: str, image: bytes, timeout: float | None) -> TrackedFrame:
+        return self._video_call(push_frame_call(session_id, image), timeout)
+
+    def _video_session(self, session_id: str, timeout: float | None) -> VideoSessionInfo:
+        return self._video_call(VideoCall("GET", video_session_path(session_id), answer=VideoSessionInfo), timeout)
+
+    def _close_video(self, session_id: str, timeout: float | None) -> None:
+        self._video_call(VideoCall("DELETE", video_session_path(session_id)), timeout)
+
+    def _track_video(self, session_id: str, request: TrackRequest, timeout: float | None) -> Iterator[TrackLine]:
+        """The stream's lines as they arrive; `timeout` bounds the wait for each."""
+        json_body = request.model_dump_json()
+        url, headers, request_id = self._api.prepare(video_session_path(session_id, "track"), json_body)
+        try:
+            with self._http.stream("POST", url, content=json_body, headers=headers, timeout=timeout) as response:
+                if not response.is_success:
+                    response.read()
+                    checked(response, request_id)
+                for line in response.iter_lines():
+                    if line:
+                        yield TrackLine.model_validate_json(line)
+        except httpx.HTTPError as error:
+            raise transport_failure("POST", url, timeout, error, request_id) from error
+
+
+@dataclass(frozen=True)
+class VideoCall:
+    """One video session call over HTTP, for the blocking and the asyncio client alike."""
+
+    method: str
+    path: str
+    json_body: str | None = None
+    content: bytes | None = None
+    answer: type[BaseModel] | None = None
+
+
+def open_video_call(video: bytes | None, model_id: str | None) -> VideoCall:
+    path = VIDEOS_PATH if model_id is None else f"{VIDEOS_PATH}?{urlencode({'model_id': model_id})}"
+    return VideoCall("POST", path, content=video or b"", answer=VideoSessionInfo)
+
+
+def prompt_video_call(session_id: str, request: VideoPromptRequest) -> VideoCall:
+    path = video_session_path(session_id, "prompts")
+    return VideoCall("POST", path, json_body=request.model_dump_json(), answer=VideoPromptResponse)
+
+
+def push_frame_call(session_id: str, image: bytes) -> VideoCall:
+    return VideoCall("POST", video_session_path(session_id, "frames"), content=image, answer=TrackedFrame)
 
 
 def _normalized_prefix(route_prefix: str) -> str:

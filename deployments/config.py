@@ -13,6 +13,33 @@ from client.errors import ModelNotFoundError
 from sam3_serve_core.compilation import DEFAULT_REGIONS, RegionName
 
 
+class VideoArgs(BaseModel):
+    """Video sessions' bounds (`video:` in the application's `args`). Each has a typed error (README, "Video")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_upload_bytes: int = Field(
+        500_000_000, ge=1, description="Larger video files are refused (413 request_too_large) as they arrive."
+    )
+    max_frames: int = Field(3_000, ge=1, description="Frames one session holds; more is 413 video_too_long.")
+    max_frame_pixels: int = Field(
+        3840 * 2160, ge=1, description="Larger frames are refused (413 image_too_large) before they are decoded."
+    )
+    sessions_per_replica: int = Field(
+        8, ge=1, description="Sessions a model replica holds; a new one past it evicts the least recently used."
+    )
+    session_bytes_per_replica: int = Field(
+        8_000_000_000,
+        ge=1,
+        description="Bytes of sessions (their frames at the model's resolution, on the host, and the tracking "
+        "state, on the model's device) a model replica holds; past it the least recently used are evicted, and "
+        "one session alone over it is 413 video_too_long. The full model's frames take 6-12 MB each.",
+    )
+    idle_timeout_s: float = Field(
+        600.0, gt=0, description="A session unused this long is ended (404 session_not_found afterwards)."
+    )
+
+
 class AppArgs(BaseModel):
     """The `args:` of the application in `serve_config.yaml`, validated by `build_app`."""
 
@@ -92,6 +119,7 @@ class AppArgs(BaseModel):
         description="How often the ingress re-reads api_key_file: a key removed from it is refused by every request "
         "that arrives this long after the change.",
     )
+    video: VideoArgs = Field(default_factory=VideoArgs, description="Video sessions' bounds.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
     unavailable_after_s: float = Field(
         30.0,

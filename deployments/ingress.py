@@ -13,7 +13,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from client.errors import (
     AuthenticationError,
+    error_from_code,
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
@@ -42,12 +43,23 @@ from client.protocol import (
     SegmentRequest,
     SegmentResponse,
 )
+from client.video_protocol import (
+    NDJSON,
+    VIDEOS_PATH,
+    TrackedFrame,
+    TrackLine,
+    TrackRequest,
+    VideoPromptRequest,
+    VideoPromptResponse,
+    VideoSessionInfo,
+)
 from deployments.api_keys import is_authorized, load_api_keys
 from deployments.availability import StageUnavailableError, StageWatch
 from deployments.config import AppArgs
 from deployments.errors import as_sam3_error, error_body
 from deployments.metrics import UNKNOWN, IngressMetrics
 from deployments.router_registry import replicas_by_model
+from deployments.video_ingress import VIDEO, VideoIngress
 from deployments.web import add_pages, service_info
 
 logger = logging.getLogger("ray.serve")
@@ -65,10 +77,24 @@ app = FastAPI(
 )
 add_pages(app)
 
-# The request body is parsed by hand (see `segment_http`), so FastAPI does not describe it: its schema and
-# the models it refers to go under components, where the OpenAPI document's `$ref`s can find them.
-SEGMENT_REQUEST_SCHEMA = SegmentRequest.model_json_schema(mode="validation", ref_template="#/components/schemas/{model}")
-REQUEST_COMPONENTS = {"SegmentRequest": SEGMENT_REQUEST_SCHEMA, **SEGMENT_REQUEST_SCHEMA.pop("$defs", {})}
+# Request bodies are parsed by hand (see `segment_http`), and the tracking stream is written by hand, so
+# FastAPI does not describe them: their schemas and the models they refer to go under components, where the
+# OpenAPI document's `$ref`s can find them.
+REQUEST_COMPONENTS: dict[str, dict] = {}
+for _model in (SegmentRequest, VideoPromptRequest, TrackRequest, TrackLine):
+    _schema = _model.model_json_schema(mode="validation", ref_template="#/components/schemas/{model}")
+    REQUEST_COMPONENTS.update(_schema.pop("$defs", {}), **{_model.__name__: _schema})
+
+
+def body_of(media_type: str, schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
+def json_body(model: type) -> dict:
+    return body_of("application/json", {"$ref": f"#/components/schemas/{model.__name__}"})
+
+
+BYTES = {"type": "string", "format": "binary"}
 
 
 def openapi_document() -> dict:
@@ -154,7 +180,7 @@ async def http_error(_: Request, error: HTTPException) -> JSONResponse:
 
 @serve.deployment
 @serve.ingress(app)
-class Sam3Ingress:
+class Sam3Ingress(VideoIngress):
     def __init__(
         self,
         preprocessor: DeploymentHandle,
@@ -257,12 +283,7 @@ class Sam3Ingress:
         SEGMENT_PATH,
         response_model=SegmentResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SegmentRequest"}}},
-            }
-        },
+        openapi_extra=json_body(SegmentRequest),
     )
     async def segment_http(self, http_request: Request) -> Response:
         """Checks the key, then the body, before anything else runs.
@@ -282,14 +303,128 @@ class Sam3Ingress:
         )
 
     async def read_request(self, http_request: Request) -> SegmentRequest:
+        self.check_key(http_request)
+        return await self.read_json(http_request, SegmentRequest)
+
+    # --- video sessions (README, "Video"); the logic is `VideoIngress`'s, shared with handle callers ---------
+
+    @app.post(
+        VIDEOS_PATH,
+        response_model=VideoSessionInfo,
+        status_code=201,
+        responses=ERROR_RESPONSES,
+        openapi_extra=body_of("application/octet-stream", BYTES),
+    )
+    async def open_video_http(self, http_request: Request, model_id: str | None = None) -> Response:
+        """A new session: the body is a video file (any container and codec FFmpeg reads), sent as it is, or
+        empty for a live session whose frames come one by one."""
+        try:
+            self.check_key(http_request)
+            video = await read_body(http_request, self.args.video.max_upload_bytes)
+        except Sam3Error as error:
+            self.record_failure(error, UNKNOWN, VIDEO)
+            return error_response(error, self.retry_after_s)
+        return self.json_answer(await self.open_video(video or None, model_id), status_code=201)
+
+    @app.get(VIDEOS_PATH + "/{session_id}", response_model=VideoSessionInfo, responses=ERROR_RESPONSES)
+    async def video_session_http(self, http_request: Request, session_id: str) -> Response:
+        return await self.keyed(http_request, self.video_session(session_id))
+
+    @app.post(
+        VIDEOS_PATH + "/{session_id}/prompts",
+        response_model=VideoPromptResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=json_body(VideoPromptRequest),
+    )
+    async def prompt_video_http(self, http_request: Request, session_id: str) -> Response:
+        """Texts for the whole video, or objects on a frame: `VideoPromptRequest` as JSON."""
+        try:
+            self.check_key(http_request)
+            request = await self.read_json(http_request, VideoPromptRequest)
+        except Sam3Error as error:
+            self.record_failure(error, UNKNOWN, VIDEO)
+            return error_response(error, self.retry_after_s)
+        return self.json_answer(await self.prompt_video(session_id, request))
+
+    @app.post(
+        VIDEOS_PATH + "/{session_id}/frames",
+        response_model=TrackedFrame,
+        responses=ERROR_RESPONSES,
+        openapi_extra=body_of("application/octet-stream", BYTES),
+    )
+    async def push_video_frame_http(self, http_request: Request, session_id: str) -> Response:
+        """One more frame of a live session: the body is an image file; the answer is its tracked objects."""
+        try:
+            self.check_key(http_request)
+            image = await read_body(http_request, self.max_body_bytes)
+        except Sam3Error as error:
+            self.record_failure(error, UNKNOWN, VIDEO)
+            return error_response(error, self.retry_after_s)
+        return self.json_answer(await self.push_video_frame(session_id, image))
+
+    @app.post(
+        VIDEOS_PATH + "/{session_id}/track",
+        responses={
+            200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/TrackLine"}}}, "description": "One line a frame"},
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={"requestBody": {"required": False, "content": json_body(TrackRequest)["requestBody"]["content"]}},
+    )
+    async def track_video_http(self, http_request: Request, session_id: str) -> Response:
+        """Newline-delimited JSON `TrackLine`s as frames are tracked. The body (`TrackRequest` as JSON) may be
+        empty. A failure before the first frame is an HTTP error; one after it is the stream's last line."""
+        try:
+            self.check_key(http_request)
+            request = await self.read_json(http_request, TrackRequest) if await http_request.body() else TrackRequest()
+        except Sam3Error as error:
+            self.record_failure(error, UNKNOWN, VIDEO)
+            return error_response(error, self.retry_after_s)
+        lines = self.track_video(session_id, request)
+        first = await anext(lines)
+        if first.type == "error" and not first.done:
+            failure = error_from_code(first.error.code, first.error.message)
+            failure.request_id = first.error.request_id
+            return error_response(failure, self.retry_after_s)
+
+        async def ndjson():
+            yield first.model_dump_json() + "\n"
+            async for line in lines:
+                yield line.model_dump_json() + "\n"
+
+        return StreamingResponse(ndjson(), media_type=NDJSON)
+
+    @app.delete(VIDEOS_PATH + "/{session_id}", status_code=204, responses=ERROR_RESPONSES)
+    async def close_video_http(self, http_request: Request, session_id: str) -> Response:
+        response = await self.keyed(http_request, self.close_video(session_id))
+        return Response(status_code=204) if response.status_code == 200 else response
+
+    def check_key(self, http_request: Request) -> None:
         if not is_authorized(http_request.headers.get("authorization"), self.api_keys):
             raise AuthenticationError("missing or wrong API key: send `Authorization: Bearer <key>`")
+
+    async def read_json(self, http_request: Request, model: type):
         check_content_type(http_request)
         body = await read_body(http_request, self.max_body_bytes)
         try:
-            return SegmentRequest.model_validate_json(body)
+            return model.model_validate_json(body)
         except ValidationError as error:
             raise InvalidRequestError(validation_message(error)) from None
+
+    async def keyed(self, http_request: Request, answer) -> Response:
+        """The answer of a request with no body, once its key is checked."""
+        try:
+            self.check_key(http_request)
+        except Sam3Error as error:
+            answer.close()
+            self.record_failure(error, UNKNOWN, VIDEO)
+            return error_response(error, self.retry_after_s)
+        return self.json_answer(await answer)
+
+    def json_answer(self, answer, status_code: int = 200) -> Response:
+        if isinstance(answer, Sam3Error):
+            return error_response(answer, self.retry_after_s)
+        body = "null" if answer is None else answer.model_dump_json()
+        return Response(body, media_type="application/json", status_code=status_code)
 
     @app.get(HEALTH_PATH, response_model=HealthResponse)
     async def health(self) -> HealthResponse:

@@ -4,6 +4,7 @@ One response per request (Triton style): a batch that fails is retried item by i
 fails alone. Batch limits come from `user_config` and change live through `reconfigure`. Each replica
 holds up to `max_models_per_replica` checkpoints (Serve model multiplexing): requests for a model are
 routed to replicas that hold it, and each model batches on its own, so a batch never mixes models.
+Video sessions live on the replicas too (`deployments.video_replica`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from client.errors import RequestTimeoutError, Sam3Error
 from deployments.batcher import ContinuousBatcher
 from deployments.config import AppArgs, BatchConfig
 from deployments.metrics import ModelPoolMetrics
+from deployments.video_replica import VideoReplica
 from sam3_serve_core.checkpoint import Sam3Models, load_sam3, resolve_device
 from sam3_serve_core.failures import in_place, passing
 from sam3_serve_core.messages import ModelResult, PreparedItem
 from sam3_serve_core.pipeline import warm_up
 from sam3_serve_core.runner import Sam3Runner, run_isolating_failures
+from sam3_serve_core.video_tracking import VideoModels
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,10 +43,11 @@ class LoadedModel:
     models: Sam3Models
     runner: Sam3Runner
     batcher: ContinuousBatcher
+    video: VideoModels | None = None  # loaded with the model's first video session
 
 
 @serve.deployment
-class Sam3ModelPool:
+class Sam3ModelPool(VideoReplica):
     """Every torch call runs on the replica's model threads, one per batch in flight, never elsewhere.
 
     Each thread that runs torch ops gets its own OpenMP team; two teams on the same cores throttle each
@@ -63,6 +67,7 @@ class Sam3ModelPool:
         self._held: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
         self.batch_sizes: Counter[int] = Counter()
         self.metrics = ModelPoolMetrics()
+        self._init_video()
 
         async def load_model(model_id: str) -> LoadedModel:
             return await self._on_model_thread(self._load_on_model_thread, model_id)

@@ -6,7 +6,7 @@ its vision features there, and so does every follow-up, from any ingress replica
 Distinct images spread over the replicas as evenly as a hash does, and when replicas come or go only the
 images homed on them move. A home with `overloaded_at` requests or more in flight is passed over for Serve's
 power-of-two choice (as Serve's default router makes it, through the public routing mixins), as is a request
-with no image id.
+with no image id. A video session's requests go to the replica that holds it, named in the session's id.
 
 Configured on the model pool in `serve_config.yaml`:
 
@@ -26,6 +26,7 @@ from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingReque
 import deployments.router_registry as router_registry  # a module, so Serve pickles it by reference
 
 IMAGE_KEY_ARGUMENT = "image_key"  # the keyword argument of `Sam3ModelPool.run` that names the image
+SESSION_ARGUMENT = "session_id"  # the keyword argument of the model pool's video session methods
 
 
 def rendezvous_rank(image_key: str, replica_id: str) -> bytes:
@@ -49,6 +50,9 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         self._forget_routed_requests(pending_request)
+        holder = self._session_holder(candidate_replicas, pending_request)
+        if holder is not None:
+            return [[holder]]
         home = self._home(candidate_replicas, pending_request)
         if home is not None and not self._overloaded(home):
             return [[home]]
@@ -78,6 +82,16 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             preferred = self.apply_locality_routing(pending_request=pending_request)
         choices = [replica for replica in candidates if replica.replica_id in preferred]
         return [random.sample(choices, k=min(2, len(choices)))] if choices else []
+
+    @staticmethod
+    def _session_holder(candidates: list[RunningReplica], pending_request: PendingRequest | None) -> RunningReplica | None:
+        """The replica a video session's id names, loaded or not: only it holds the session. When it is gone, the
+        request goes where any would, and the replica there answers that the session is not found."""
+        session_id = pending_request.kwargs.get(SESSION_ARGUMENT) if pending_request is not None else None
+        if not session_id:
+            return None
+        holder = session_id.rpartition(".")[0]
+        return next((replica for replica in candidates if replica.replica_id.unique_id == holder), None)
 
     def _home(self, candidates: list[RunningReplica], pending_request: PendingRequest | None) -> RunningReplica | None:
         image_key = pending_request.kwargs.get(IMAGE_KEY_ARGUMENT) if pending_request is not None else None

@@ -58,18 +58,18 @@ def prepare_output(output: str) -> np.ndarray:
             continue
         succeeded = table.filter(pc.is_null(table["error_code"]))
         if succeeded.num_rows < table.num_rows:
-            _replace(filesystem, path, succeeded)
+            replace_file(filesystem, path, succeeded, OUTPUT_SCHEMA)
         done.append(row_keys(succeeded["image"].to_pylist(), succeeded["prompt"].to_pylist()))
     return np.unique(np.concatenate(done)) if done else np.zeros(0, dtype=np.int64)
 
 
-def _replace(filesystem: pafs.FileSystem, path: str, table: pa.Table) -> None:
+def replace_file(filesystem: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Schema) -> None:
     """Write the kept rows beside the file, then move them over it, so a crash leaves one or the other."""
     if table.num_rows == 0:
         filesystem.delete_file(path)
         return
     staging = path + ".tmp"
-    pq.write_table(table.cast(OUTPUT_SCHEMA), staging, filesystem=filesystem)
+    pq.write_table(table.cast(schema), staging, filesystem=filesystem)
     filesystem.move(staging, path)
 
 

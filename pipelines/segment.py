@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_settings import CliApp, CliSettingsSource
 from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
@@ -48,6 +49,7 @@ from pipelines.rows import canonical_prompt, row_keys
 from pipelines.tally import start_tally
 
 logger = logging.getLogger("pipelines.segment")
+C = TypeVar("C", bound=BaseModel)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy")
 LISTING_ROWS_PER_FILE = 10_000
@@ -109,9 +111,9 @@ def input_rows(config: JobConfig, workdir: Path) -> Dataset:
     return ray.data.read_parquet(f"local://{workdir}")
 
 
-def list_images(input_path: str) -> Iterator[str]:
-    """A glob's files, or a directory's image files (recursively), as the file system lists them: local
-    directories one at a time, in name order within each; a URI's listing comes from pyarrow whole."""
+def list_images(input_path: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[str]:
+    """A glob's files, or a directory's files with one of `suffixes` (recursively), as the file system lists
+    them: local directories one at a time, in name order within each; a URI's listing comes from pyarrow whole."""
     if any(char in input_path for char in "*?["):
         yield from (path for path in glob.iglob(input_path, recursive=True) if Path(path).is_file())
         return
@@ -120,7 +122,7 @@ def list_images(input_path: str) -> Iterator[str]:
             raise SystemExit(f"--input {input_path} is not a directory, a glob or a .parquet/.csv table")
         for directory, subdirectories, names in os.walk(input_path):
             subdirectories.sort()
-            yield from (os.path.join(directory, name) for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES))
+            yield from (os.path.join(directory, name) for name in sorted(names) if name.lower().endswith(suffixes))
         return
     filesystem, root = output_filesystem(input_path)
     scheme = input_path.split("://", 1)[0] + "://"
@@ -128,7 +130,7 @@ def list_images(input_path: str) -> Iterator[str]:
         raise SystemExit(f"--input {input_path} is not a directory, a glob or a .parquet/.csv table")
     infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     yield from sorted(
-        scheme + info.path for info in infos if info.is_file and info.base_name.lower().endswith(IMAGE_SUFFIXES)
+        scheme + info.path for info in infos if info.is_file and info.base_name.lower().endswith(suffixes)
     )
 
 
@@ -203,7 +205,7 @@ def segment_stage(rows: Dataset, config: JobConfig, tally: ActorHandle | None) -
         "max_task_retries": -1,
     }
     if config.via == "service":
-        _check_application(config.app_name)
+        check_application(config.app_name)
         return rows.map_batches(
             ServiceSegmenter,
             fn_constructor_kwargs={
@@ -243,7 +245,7 @@ def app_args(config: JobConfig) -> AppArgs:
     return AppArgs(**args)
 
 
-def _check_application(app_name: str) -> None:
+def check_application(app_name: str) -> None:
     from ray import serve
 
     status = serve.status().applications.get(app_name)
@@ -253,18 +255,22 @@ def _check_application(app_name: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
-    """`JobConfig` from the command line: pydantic-settings makes one `--kebab-case` flag per field, with its
-    type, default and description, and reads nothing else (no environment variables)."""
+    return parse_config(JobConfig, "python -m pipelines.segment", __doc__, argv)
+
+
+def parse_config(model: type[C], prog: str, description: str, argv: list[str] | None) -> C:
+    """A job's typed config from the command line: pydantic-settings makes one `--kebab-case` flag per field,
+    with its type, default and description, and reads nothing else (no environment variables)."""
     source = CliSettingsSource(
-        JobConfig,
+        model,
         cli_kebab_case=True,
         cli_implicit_flags=True,  # a bool field is a flag: --polygons
         root_parser=argparse.ArgumentParser(
-            prog="python -m pipelines.segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
         ),
     )
     try:
-        return CliApp.run(JobConfig, cli_args=sys.argv[1:] if argv is None else argv, cli_settings_source=source)
+        return CliApp.run(model, cli_args=sys.argv[1:] if argv is None else argv, cli_settings_source=source)
     except ValidationError as error:
         problems = [
             (f"--{str(item['loc'][0]).replace('_', '-')}: " if item["loc"] else "") + item["msg"].removeprefix("Value error, ")

@@ -25,7 +25,9 @@ import torch
 from torchvision.ops import masks_to_boxes
 from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor, Sam3VideoModel, Sam3VideoProcessor
 
+from client import video_protocol as wire
 from client.errors import InvalidPromptError, InvalidRequestError, VideoTooLongError
+from client.rle import encode_masks
 from sam3_serve_core.checkpoint import Sam3Models, from_pretrained
 from sam3_serve_core.prompts import tokenize
 
@@ -171,11 +173,14 @@ class VideoSession:
             output = self.models.objects(inference_session=self._inference, frame_idx=frame_index)
         return self._object_frame(output)
 
-    def propagate(self, start_frame: int | None = None, max_frames: int | None = None, reverse: bool = False) -> Iterator[TrackedFrame]:
-        """Track through the stored frames, one result per frame as it is computed.
+    def propagate(
+        self, start_frame: int | None = None, max_frames: int | None = None, reverse: bool = False
+    ) -> tuple[int, Iterator[TrackedFrame]]:
+        """How many frames tracking answers, and the tracking itself: one result per frame as it is computed.
 
-        Concepts start at frame 0 by default; objects at the earliest frame they were prompted on. `reverse`
-        goes backward from `start_frame` (for objects, from the prompted frame to the video's start).
+        Concepts start at frame 0 by default, objects at the earliest frame they were prompted on. Forward, the
+        start frame is the first answered; backward, concepts answer from the frame before it and objects from
+        it (transformers' own counts), down to frame 0. `max_frames` bounds the frames answered.
         """
         if self.task is None:
             raise InvalidPromptError("prompt the session (a text, or objects on a frame) before tracking")
@@ -183,15 +188,28 @@ class VideoSession:
             self._check_frame(start_frame)
         if max_frames is not None and max_frames < 1:
             raise InvalidRequestError(f"max_frames must be at least 1, got {max_frames}")
-        if self.task == CONCEPTS:
-            outputs = self.models.concepts.propagate_in_video_iterator(
-                self._inference, start_frame_idx=start_frame or 0, max_frame_num_to_track=max_frames, reverse=reverse
-            )
-            return (self._concept_frame(output) for output in outputs)
-        outputs = self.models.objects.propagate_in_video_iterator(
-            self._inference, start_frame_idx=start_frame, max_frame_num_to_track=max_frames, reverse=reverse
+        start = start_frame if start_frame is not None else self._default_start()
+        limit = max_frames if max_frames is not None else self.frame_count
+        if reverse:
+            available = start if self.task == CONCEPTS else (start + 1 if start > 0 else 0)
+        else:
+            available = self.frame_count - start
+        total = min(limit, available)
+        # transformers counts the frames after the start, except concepts backward, which start before it.
+        after_start = total if reverse and self.task == CONCEPTS else total - 1
+        if total == 0:
+            return 0, iter(())
+        model = self.models.concepts if self.task == CONCEPTS else self.models.objects
+        outputs = model.propagate_in_video_iterator(
+            self._inference, start_frame_idx=start, max_frame_num_to_track=after_start, reverse=reverse
         )
-        return (self._object_frame(output) for output in outputs)
+        to_frame = self._concept_frame if self.task == CONCEPTS else self._object_frame
+        return total, (to_frame(output) for output in outputs)
+
+    def _default_start(self) -> int:
+        if self.task == CONCEPTS:
+            return 0
+        return min(frame for outputs in self._inference.output_dict_per_obj.values() for frame in outputs["cond_frame_outputs"])
 
     def nbytes(self) -> int:
         """The bytes of the tensors the session holds: its frames, and the tracking state and cached features."""
@@ -298,3 +316,24 @@ def _tensor_bytes(root: object) -> int:
         elif hasattr(value, "__dict__"):
             stack.extend(vars(value).values())
     return total
+
+
+def apply_prompt(session: VideoSession, request: wire.VideoPromptRequest) -> TrackedFrame | None:
+    """A wire prompt on the session: texts (tracking starts again), or objects (their frame, segmented)."""
+    if request.text is not None:
+        session.set_texts(request.texts)
+        return None
+    prompts = [ObjectPrompt(each.object_id, each.points, each.labels, each.box) for each in request.objects]
+    return session.add_objects(request.frame_index, prompts)
+
+
+def to_wire(tracked: TrackedFrame) -> wire.TrackedFrame:
+    """A frame's objects on the wire: each mask as COCO RLE."""
+    masks = encode_masks(np.stack([obj.mask for obj in tracked.objects])) if tracked.objects else []
+    return wire.TrackedFrame(
+        frame_index=tracked.frame_index,
+        objects=[
+            wire.TrackedObject(object_id=obj.object_id, mask=mask, box=obj.box, score=obj.score, prompt=obj.prompt)
+            for obj, mask in zip(tracked.objects, masks)
+        ],
+    )

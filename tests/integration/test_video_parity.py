@@ -67,6 +67,14 @@ def as_tuples(tracked: TrackedFrame) -> dict:
     }
 
 
+def assert_tracks(propagation: tuple, reference: list[dict], frame_indices: list[int]) -> None:
+    """A propagation's count and frames equal the reference's, which answers `frame_indices`."""
+    total, tracked = propagation
+    assert [frame["frame"] for frame in reference] == frame_indices
+    assert total == len(frame_indices)
+    assert_same_frames(list(tracked), reference)
+
+
 def assert_same_frames(ours: list[TrackedFrame], reference: list[dict]) -> None:
     assert [tracked.frame_index for tracked in ours] == [frame["frame"] for frame in reference]
     for tracked, expected in zip(ours, reference):
@@ -144,8 +152,10 @@ def test_concepts_match_transformers(tiny112_dir, texts):
     checkpoint = str(tiny112_dir)
     session = our_session(checkpoint)
     session.set_texts(texts)
-    ours = list(session.propagate())
+    total, tracked = session.propagate()
+    ours = list(tracked)
     reference = reference_concepts(checkpoint, texts)
+    assert total == FRAMES
     assert len(ours) == FRAMES
     assert any(tracked.objects for tracked in ours), "the tiny checkpoint finds something to track"
     assert_same_frames(ours, reference)
@@ -157,9 +167,11 @@ def test_concepts_from_a_later_frame_and_backward(tiny112_dir):
     checkpoint = str(tiny112_dir)
     session = our_session(checkpoint)
     session.set_texts(["red square"])
-    assert_same_frames(list(session.propagate(start_frame=2, max_frames=3)), reference_concepts(checkpoint, ["red square"], start_frame_idx=2, max_frame_num_to_track=3))
+    assert_tracks(session.propagate(start_frame=2, max_frames=3), reference_concepts(checkpoint, ["red square"], start_frame_idx=2, max_frame_num_to_track=2), [2, 3, 4])
     session.set_texts(["red square"])  # new texts start tracking again
-    assert_same_frames(list(session.propagate(start_frame=4, reverse=True)), reference_concepts(checkpoint, ["red square"], start_frame_idx=4, reverse=True))
+    assert_tracks(session.propagate(start_frame=4, reverse=True), reference_concepts(checkpoint, ["red square"], start_frame_idx=4, reverse=True), [3, 2, 1, 0])
+    session.set_texts(["red square"])
+    assert_tracks(session.propagate(start_frame=4, max_frames=2, reverse=True), reference_concepts(checkpoint, ["red square"], start_frame_idx=4, max_frame_num_to_track=2, reverse=True), [3, 2])
 
 
 # Ours prompts one object at a time; transformers' one call for several pads their points to one count, so the
@@ -172,7 +184,9 @@ def test_clicked_objects_match_transformers(tiny112_dir):
     session = our_session(checkpoint)
     first = session.add_objects(0, TWO_CLICKS)
     assert first.frame_index == 0 and [obj.object_id for obj in first.objects] == [1, 2]
-    ours = list(session.propagate())
+    total, tracked = session.propagate()
+    ours = list(tracked)
+    assert total == FRAMES
     (reference,) = reference_objects(
         checkpoint,
         [(0, {"obj_ids": [1, 2], "input_points": [[[[20, 15], [5, 60]], [[60, 26], [90, 5]]]], "input_labels": [[[1, 0], [1, 0]]]})],
@@ -192,9 +206,9 @@ def test_boxed_objects_a_correction_and_backward_match_transformers(tiny112_dir)
         (4, {"obj_ids": [5], "input_points": [[[[30, 20]]]], "input_labels": [[[1]]], "input_boxes": [[[10, 10, 45, 40]]]}),
     ]
     forward, backward = reference_objects(checkpoint, prompts, {}, {"start_frame_idx": 4, "reverse": True})
-    assert_same_frames(list(session.propagate()), forward)
-    assert_same_frames(list(session.propagate(start_frame=4, reverse=True)), backward)
-    assert [tracked["frame"] for tracked in backward] == [4, 3, 2, 1, 0]
+    assert_tracks(session.propagate(), forward, [2, 3, 4, 5])  # from the first prompted frame
+    assert_tracks(session.propagate(start_frame=4, reverse=True), backward, [4, 3, 2, 1, 0])
+    assert session.propagate(start_frame=0, reverse=True)[0] == 0
 
 
 def test_streamed_frames_track_as_they_arrive(tiny112_dir):
@@ -228,7 +242,7 @@ def test_a_session_refuses_what_it_cannot_track(tiny112_dir):
     with pytest.raises(VideoTooLongError):
         session.add_frame(video[2])
     with pytest.raises(InvalidPromptError, match="before tracking"):
-        list(session.propagate())
+        session.propagate()
     with pytest.raises(InvalidRequestError, match="frame 2 is not in the session"):
         session.add_objects(2, TWO_CLICKS)
     with pytest.raises(InvalidPromptError, match="one label per point"):

@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from client.protocol import SEGMENT_PATH
+from client.video_protocol import VIDEOS_PATH
 from deployments.ingress import app as ingress_app
 from tests.conftest import random_image
 
@@ -80,6 +81,7 @@ def live_schema(app_url):
     return schemathesis.openapi.from_url(f"{app_url}/openapi.json")
 
 
+SESSION_PATH = VIDEOS_PATH + "/{session_id}"
 DESCRIPTION = json.loads(json.dumps(ingress_app.openapi()))
 schema = schemathesis.openapi.from_dict(copy.deepcopy(DESCRIPTION))
 
@@ -89,7 +91,15 @@ def test_the_running_ingress_serves_the_fuzzed_description(app_url, live_schema)
     assert served.status_code == 200
     assert served.json() == DESCRIPTION
     operations = sorted((op.method.upper(), op.path) for op in (r.ok() for r in live_schema.get_all_operations()))
-    assert operations == [("GET", "/v1/health"), ("GET", "/v1/info"), ("GET", "/v1/ready"), ("POST", SEGMENT_PATH)]
+    videos = [
+        ("DELETE", SESSION_PATH),
+        ("GET", SESSION_PATH),
+        ("POST", VIDEOS_PATH),
+        ("POST", f"{SESSION_PATH}/frames"),
+        ("POST", f"{SESSION_PATH}/prompts"),
+        ("POST", f"{SESSION_PATH}/track"),
+    ]
+    assert operations == sorted([("GET", "/v1/health"), ("GET", "/v1/info"), ("GET", "/v1/ready"), ("POST", SEGMENT_PATH), *videos])
 
 
 @schema.parametrize()

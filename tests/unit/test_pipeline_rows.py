@@ -696,7 +696,7 @@ class FakeDataset:
 
 @pytest.mark.parametrize("via", ["service", "actors"])
 def test_both_engines_are_given_the_jobs_options(monkeypatch, via):
-    monkeypatch.setattr(segment_module, "_check_application", lambda app_name: None)
+    monkeypatch.setattr(segment_module, "check_application", lambda app_name: None)
     monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
     config = segment_module.parse_args([*JOB_ARGS, "--via", via, "--max-instances", "4", "--polygons"])
     rows = FakeDataset()
@@ -709,7 +709,7 @@ def test_both_engines_are_given_the_jobs_options(monkeypatch, via):
 @pytest.mark.parametrize("via", ["service", "actors"])
 def test_a_lost_worker_is_restarted_and_its_batches_run_again(monkeypatch, via):
     """The job's guarantee when a node is lost rests on these, whatever Ray Data's defaults become."""
-    monkeypatch.setattr(segment_module, "_check_application", lambda app_name: None)
+    monkeypatch.setattr(segment_module, "check_application", lambda app_name: None)
     monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
     rows = FakeDataset()
     segment_module.segment_stage(rows, segment_module.parse_args([*JOB_ARGS, "--via", via]), tally="the tally")

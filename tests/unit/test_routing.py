@@ -119,3 +119,30 @@ def test_the_models_each_replica_holds_are_counted_from_the_routers_of_the_appli
         return counted
 
     assert asyncio.run(count()) == (Counter(sam3=2, tuned=1), Counter(sam3=1), Counter())
+
+
+def route_session(replicas: list[Replica], session_id: str, busy: dict[str, int] | None = None) -> list[list[str]]:
+    """The router's choice for a video session's request (no model id: a session names its replica)."""
+
+    async def choose() -> list[list[str]]:
+        router = router_knowing(replicas)
+        for replica in replicas:
+            router.replica_queue_len_cache.update(replica.replica_id, (busy or {}).get(replica.replica_id.unique_id, 0))
+        pending = PendingRequest([], {"session_id": session_id}, SimpleNamespace(multiplexed_model_id=""))
+        ranks = await router.choose_replicas(replicas, pending)
+        return [[replica.replica_id.unique_id for replica in rank] for rank in ranks]
+
+    return asyncio.run(choose())
+
+
+def test_a_video_session_goes_to_the_replica_its_id_names_even_when_that_one_is_busy():
+    replicas = [Replica("a"), Replica("b"), Replica("c")]
+    for holder in ("a", "b", "c"):
+        assert route_session(replicas, f"{holder}.{'0' * 32}", busy={holder: 100}) == [[holder]]
+
+
+def test_a_session_whose_replica_is_gone_goes_where_any_request_would():
+    replicas = [Replica("a"), Replica("b"), Replica("c")]
+    for _ in range(10):
+        (choices,) = route_session(replicas, f"gone.{'0' * 32}")
+        assert len(choices) == 2 and set(choices) <= {"a", "b", "c"}

@@ -94,7 +94,17 @@ def test_unknown_paths_keep_the_json_404(http):
 
 
 def test_the_pages_are_not_in_the_openapi_description():
-    assert sorted(app.openapi()["paths"]) == ["/v1/health", "/v1/info", "/v1/ready", "/v1/segment"]
+    assert sorted(app.openapi()["paths"]) == [
+        "/v1/health",
+        "/v1/info",
+        "/v1/ready",
+        "/v1/segment",
+        "/v1/videos",
+        "/v1/videos/{session_id}",
+        "/v1/videos/{session_id}/frames",
+        "/v1/videos/{session_id}/prompts",
+        "/v1/videos/{session_id}/track",
+    ]
 
 
 def test_every_reference_in_the_openapi_description_resolves(http):
