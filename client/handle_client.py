@@ -102,10 +102,16 @@ class Sam3HandleClient(SegmentClient, VideoClient):
     def _track_video(self, session_id: str, request: TrackRequest, timeout: float | None) -> Iterator[TrackLine]:
         """The ingress's stream, line by line as the replica computes them (Serve's streaming handle call)."""
         lines = self._app_handle().options(stream=True).track_video.remote(session_id, request)
+        finished = False
         try:
             yield from lines
+            finished = True
         except Exception as error:
+            finished = True
             raise as_sam3_error(error) from error
+        finally:
+            if not finished:  # the caller stopped early: so does the tracking
+                lines.cancel()
 
     def _app_handle(self) -> Any:
         """The application's ingress handle, looked up once (after `_segment_handle`'s, under the same lock)."""

@@ -382,14 +382,18 @@ class Sam3Ingress(VideoIngress):
         lines = self.track_video(session_id, request)
         first = await anext(lines)
         if first.type == "error" and not first.done:
+            await lines.aclose()
             failure = error_from_code(first.error.code, first.error.message)
             failure.request_id = first.error.request_id
             return error_response(failure, self.retry_after_s)
 
         async def ndjson():
-            yield first.model_dump_json() + "\n"
-            async for line in lines:
-                yield line.model_dump_json() + "\n"
+            try:
+                yield first.model_dump_json() + "\n"
+                async for line in lines:
+                    yield line.model_dump_json() + "\n"
+            finally:  # the client went away: stop tracking for it
+                await lines.aclose()
 
         return StreamingResponse(ndjson(), media_type=NDJSON)
 

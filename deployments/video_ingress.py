@@ -84,11 +84,17 @@ class VideoIngress:
         try:
             check_session_id(session_id)
             lines = self.model_pool.options(stream=True).track_video.remote(request or TrackRequest(), session_id=session_id)
-            async for line in lines:
-                if line.type == "error":
-                    raise error_from_code(line.error.code, line.error.message)
-                done = line.done or done
-                yield line
+            finished = False
+            try:
+                async for line in lines:
+                    if line.type == "error":
+                        raise error_from_code(line.error.code, line.error.message)
+                    done = line.done or done
+                    yield line
+                finished = True
+            finally:
+                if not finished:  # the reader went away (or the line was an error): stop the replica's tracking
+                    lines.cancel()
         except Exception as error:
             typed = error if isinstance(error, Sam3Error) else session_error(error, session_id)
             self.record_failure(typed, UNKNOWN, VIDEO)

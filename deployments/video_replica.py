@@ -140,6 +140,7 @@ class VideoReplica:
                     held.session.propagate, request.start_frame, request.max_frames, request.reverse
                 )
                 while (frame := await self._on_model_thread(self._encoded, next, tracked, None)) is not None:
+                    self._video_sessions.get(token)  # in use: a long stream is never idle, nor evicted first
                     done += 1
                     yield TrackLine(type="frame", frame=frame, done=done, total=total)
                 self._video_sessions.resize(token, held.session.nbytes())
