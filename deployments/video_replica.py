@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,9 +70,11 @@ def add_frames(session: VideoSession, frames: Iterator[np.ndarray], count: int) 
 
 
 class VideoReplica:
-    """Needs, from the model pool: `_args`, `_loaded_model(model_id)` and `_on_model_thread(function, *args)`."""
+    """Needs, from the model pool: `_args`, `_held` (the models it holds, by id), `_loaded_model(model_id)` and
+    `_on_model_thread(function, *args)`."""
 
     _args: AppArgs
+    _held: Mapping[str, object]
 
     def _init_video(self) -> None:
         video = self._args.video
@@ -175,8 +177,14 @@ class VideoReplica:
             pass
 
     def _held_session(self, session_id: str) -> tuple[str, HeldSession]:
+        """The session, which ends with its model: once multiplexing has unloaded the model, the session would
+        otherwise keep its weights on the device."""
         token = session_token(session_id, self._replica_id)
-        return token, self._video_sessions.get(token)
+        held = self._video_sessions.get(token)
+        if held.model_id not in self._held:
+            self._video_sessions.close(token, f"its model {held.model_id} was unloaded from the replica")
+            held = self._video_sessions.get(token)  # raises, saying why
+        return token, held
 
     def _info(self, token: str, held: HeldSession) -> VideoSessionInfo:
         session = held.session

@@ -82,11 +82,11 @@ class VideoSessions(Generic[State]):
             held.nbytes, held.last_used = nbytes, self._clock()
             self._make_room(0, sessions=0)
 
-    def close(self, session_id: str) -> None:
-        """End the session; closing one already gone is not an error."""
+    def close(self, session_id: str, why: str = "it was ended") -> None:
+        """End the session, remembering `why`; closing one already gone is not an error."""
         with self._lock:
             if self._held.pop(session_id, None) is not None:
-                self._forget(session_id, "it was ended")
+                self._forget(session_id, why)
 
     def _check_fits(self, nbytes: int) -> None:
         if nbytes > self.limits.max_bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import httpx
 import numpy as np
@@ -25,8 +26,10 @@ from client.video_protocol import (
     VideoSessionInfo,
     video_session_path,
 )
-from deployments.video_replica import session_token
+from deployments.model_pool import LoadedModel, Sam3ModelPool
+from deployments.video_replica import HeldSession, session_token
 from sam3_serve_core import video_tracking
+from sam3_serve_core.video_sessions import SessionLimits, VideoSessions
 from sam3_serve_core.video_tracking import to_wire
 
 
@@ -199,3 +202,20 @@ def test_the_asyncio_client_tracks_alike():
     assert [frame["object_ids"] for frame in frames] == [[1], [1], [1]]
     assert [method for method, *_ in calls] == ["POST", "POST", "POST", "DELETE"]
     assert VideoPromptRequest.model_validate_json(calls[1][3]).objects[0].box == [0, 0, 3, 3]
+
+
+def test_a_session_ends_with_its_model():
+    """Once multiplexing has unloaded a session's model, the session is gone and says why (it would otherwise
+    keep the model's weights on the device)."""
+    pool = object.__new__(Sam3ModelPool.func_or_class)
+    pool._replica_id = "replica1"
+    pool._video_sessions = VideoSessions(SessionLimits(max_sessions=4, max_bytes=10**9, idle_timeout_s=60))
+    pool._held = weakref.WeakValueDictionary()
+    model = LoadedModel("sam3", models=None, runner=None, batcher=None)
+    pool._held["sam3"] = model
+    token = pool._video_sessions.open(HeldSession("sam3", session=None), 0)
+    assert pool._held_session(f"replica1.{token}")[0] == token
+    del pool._held["sam3"]
+    for _ in range(2):
+        with pytest.raises(SessionNotFoundError, match="its model sam3 was unloaded"):
+            pool._held_session(f"replica1.{token}")
