@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 CONCEPTS = "concepts"
 OBJECTS = "objects"
+STATE_WALK_EVERY = 16  # a session that grows by frames has its tracking state walked again at 1/16 more frames
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class VideoSession:
     texts: tuple[str, ...] = ()
     frames: dict[int, torch.Tensor] = field(default_factory=dict)
     _inference: object | None = None
+    _state_counted: tuple[int, int] | None = None  # (frames, bytes) of the tracking state when last walked
 
     @property
     def frame_count(self) -> int:
@@ -169,6 +171,7 @@ class VideoSession:
                 inference_session=self._inference, frame_idx=frame_index, **_object_inputs(prompt)
             )
         self._inference.obj_with_new_inputs = [prompt.object_id for prompt in objects]
+        self._state_counted = None
         with torch.inference_mode():
             output = self.models.objects(inference_session=self._inference, frame_idx=frame_index)
         return self._object_frame(output)
@@ -199,6 +202,7 @@ class VideoSession:
         after_start = total if reverse and self.task == CONCEPTS else total - 1
         if total == 0:
             return 0, iter(())
+        self._state_counted = None
         model = self.models.concepts if self.task == CONCEPTS else self.models.objects
         outputs = model.propagate_in_video_iterator(
             self._inference, start_frame_idx=start, max_frame_num_to_track=after_start, reverse=reverse
@@ -212,8 +216,25 @@ class VideoSession:
         return min(frame for outputs in self._inference.output_dict_per_obj.values() for frame in outputs["cond_frame_outputs"])
 
     def nbytes(self) -> int:
-        """The bytes of the tensors the session holds: its frames, and the tracking state and cached features."""
-        return _tensor_bytes([self.frames, self._inference])
+        """The bytes of the tensors the session holds: its frames, and the tracking state and cached features.
+
+        Frames all have one size, so theirs is a product. Walking the tracking state takes time in proportion to
+        the frames tracked, so while the session only grows by frames (a live source), the state is walked again
+        once it has a sixteenth more frames than at the last walk, and scaled by the frames in between: each
+        frame adds about the same state. Prompting and tracking change the state otherwise: it is walked again.
+        """
+        if not self.frames:
+            return 0
+        frame_bytes = next(iter(self.frames.values())).untyped_storage().nbytes()
+        return self.frame_count * frame_bytes + self._state_bytes()
+
+    def _state_bytes(self) -> int:
+        if self._inference is None:
+            return 0
+        if self._state_counted is None or self.frame_count * STATE_WALK_EVERY > self._state_counted[0] * (STATE_WALK_EVERY + 1):
+            self._state_counted = (self.frame_count, _tensor_bytes(self._inference, skip=self.frames))
+        counted_frames, counted_bytes = self._state_counted
+        return counted_bytes * self.frame_count // counted_frames
 
     def _processed(self, rgb: np.ndarray) -> torch.Tensor:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -246,7 +267,7 @@ class VideoSession:
         )
         inference.processed_frames = self.frames  # the same frames, not a copy: a streamed frame lands in both
         inference.video_height, inference.video_width = self.height, self.width
-        self.task, self._inference = task, inference
+        self.task, self._inference, self._state_counted = task, inference, None
 
     @torch.inference_mode()
     def _concept_frame(self, output) -> TrackedFrame:
@@ -292,10 +313,11 @@ def _object_inputs(prompt: ObjectPrompt) -> dict:
     return inputs
 
 
-def _tensor_bytes(root: object) -> int:
-    """The bytes of every tensor reachable from `root` through containers and plain objects, each storage once."""
+def _tensor_bytes(root: object, skip: object = None) -> int:
+    """The bytes of every tensor reachable from `root` through containers and plain objects, each storage once,
+    except through `skip`."""
     seen_storages: set[int] = set()
-    seen_objects: set[int] = set()
+    seen_objects: set[int] = {id(skip)}
     total = 0
     stack = [root]
     while stack:

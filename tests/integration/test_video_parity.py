@@ -22,6 +22,7 @@ from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor, Sam3V
 
 from client.errors import InvalidPromptError, InvalidRequestError, VideoTooLongError
 from sam3_serve_core.checkpoint import load_sam3
+from sam3_serve_core import video_tracking
 from sam3_serve_core.video_frames import VideoLimits, video_frames
 from sam3_serve_core.video_tracking import ObjectPrompt, TrackedFrame, VideoSession, load_video_models
 from tests.videos import encode_video, moving_shapes
@@ -251,3 +252,26 @@ def test_a_session_refuses_what_it_cannot_track(tiny112_dir):
     with pytest.raises(InvalidPromptError, match="tracks objects"):
         session.set_texts(["cat"])
     assert session.nbytes() > sum(frame.nbytes for frame in session.frames.values())
+
+
+def test_a_live_session_counts_its_bytes_without_walking_its_state_each_frame(tiny112_dir, monkeypatch):
+    """Frames pushed one by one scale the last walk of the tracking state, which is walked again only at a
+    sixteenth more frames: the count stays within that of the exact walk, and tracking makes it exact again."""
+    session = VideoSession(video_models(str(tiny112_dir)), max_frames=LIMITS.max_frames)
+    video = moving_shapes(64)
+    session.add_frame(video[0])
+    session.add_objects(0, TWO_CLICKS)
+    walks = []
+    walk = video_tracking._tensor_bytes
+    monkeypatch.setattr(video_tracking, "_tensor_bytes", lambda *args, **kwargs: walks.append(1) or walk(*args, **kwargs))
+    for index, rgb in enumerate(video[1:], start=2):
+        session.track_new_frame(rgb)
+        counted = session.nbytes()
+        exact = walk([session.frames, session._inference])
+        assert abs(counted - exact) <= exact / video_tracking.STATE_WALK_EVERY, f"after {index} frames"
+        if index == 32:
+            walks.clear()
+    assert len(walks) <= 32 // 3, f"{len(walks)} walks of the state for frames 33 to 64"
+    total, tracked = session.propagate()
+    assert total == 64 and len(list(tracked)) == 64
+    assert session.nbytes() == walk([session.frames, session._inference])
