@@ -9,17 +9,39 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class JobConfig(BaseModel):
+class JobBase(BaseModel):
+    """What the image and the video job share: their output, one prompt source, and where the model runs.
+    Each job names its own input and prompts."""
+
     model_config = ConfigDict(extra="forbid")
 
-    input: str = Field(description="A directory or glob of images, or a .parquet/.csv table of image paths or URLs.")
+    input: str
     output: str = Field(description="The output directory of Parquet files (a local path or a pyarrow URI).")
     via: Literal["service", "actors"] = Field(
         description="service: the live Serve application through its handle; actors: the model in the job's actors."
     )
+    text: str | None = None
+    prompt: str | None = None
+    prompt_column: str | None = Field(None, description="The table column holding each row's prompt.")
+    app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
+    config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
+    checkpoint: str | None = Field(None, description="--via actors: the checkpoint instead of the config's default model's.")
+    device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> JobBase:
+        given = [name for name in ("text", "prompt", "prompt_column") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of --text, --prompt or --prompt-column, got {given or 'none'}")
+        if self.prompt_column is not None and not is_table(self.input):
+            raise ValueError("--prompt-column needs a .parquet or .csv table as --input")
+        return self
+
+
+class JobConfig(JobBase):
+    input: str = Field(description="A directory or glob of images, or a .parquet/.csv table of image paths or URLs.")
     text: str | None = Field(None, description="One text prompt for every image.")
     prompt: str | None = Field(None, description="One prompt for every image, as JSON (text, points or boxes).")
-    prompt_column: str | None = Field(None, description="The table column holding each row's prompt.")
     image_column: str = Field("image", description="The table column holding each row's image path or URL.")
     max_instances: int | None = Field(
         None,
@@ -33,10 +55,6 @@ class JobConfig(BaseModel):
         1.0, ge=0, le=100, description="With --polygons: how many pixels a simplified outline may stray."
     )
     coco_json: Path | None = Field(None, description="Also write a COCO results file here.")
-    app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
-    config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
-    checkpoint: str | None = Field(None, description="--via actors: the checkpoint instead of the config's default model's.")
-    device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
     model_resource: str | None = Field(
         None,
         description="actors: each model actor also asks for one unit of this custom resource, so it runs only on "
@@ -84,12 +102,7 @@ class JobConfig(BaseModel):
         return self.retries if self.retries is not None else math.ceil(self.timeout_s)
 
     @model_validator(mode="after")
-    def _one_prompt_source(self) -> JobConfig:
-        given = [name for name in ("text", "prompt", "prompt_column") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of --text, --prompt or --prompt-column, got {given or 'none'}")
-        if self.prompt_column is not None and not is_table(self.input):
-            raise ValueError("--prompt-column needs a .parquet or .csv table as --input")
+    def _model_resource_needs_actors(self) -> JobConfig:
         if self.model_resource is not None and self.via != "actors":
             raise ValueError("--model-resource places the job's model actors: it needs --via actors")
         return self

@@ -17,7 +17,6 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,11 +24,11 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
-from pipelines.config import is_table
+from pipelines.config import JobBase, is_table
 from pipelines.output import output_filesystem, parquet_files, replace_file
 from pipelines.segment import app_args, check_application, list_images, parse_config
 from pipelines.trackers import ServiceTracker, SessionTracker
@@ -40,39 +39,19 @@ logger = logging.getLogger("pipelines.track")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".gif")
 
 
-class TrackJobConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrackJobConfig(JobBase):
     input: str = Field(description="A directory or glob of videos, or a .parquet/.csv table of video paths.")
-    output: str = Field(description="The output directory of Parquet files (a local path or a pyarrow URI).")
-    via: Literal["service", "actors"] = Field(
-        description="service: the live Serve application through its handle; actors: the models in the job's actors."
-    )
     text: str | None = Field(None, description="One concept to track in every video.")
     prompt: str | None = Field(
         None,
         description='One prompt for every video, as JSON: {"text": [...]}, or {"points": ..., "labels": ..., '
         '"frame": 0} or {"boxes": ...}, as track() takes them.',
     )
-    prompt_column: str | None = Field(None, description="The table column holding each row's prompt.")
     video_column: str = Field("video", description="The table column holding each row's video path.")
-    app_name: str = Field("sam3", description="The Serve application (service) or the config's application (actors).")
-    config: Path = Field(Path("serve_config.yaml"), description="Where --via actors reads the application's args.")
-    checkpoint: str | None = Field(None, description="--via actors: the checkpoint instead of the config's default model's.")
-    device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="--via actors: overrides the config's device.")
     workers: int = Field(2, ge=1, description="Videos tracked at once (service: callers; actors: model actors).")
     worker_cpus: float = Field(1.0, ge=0, description="CPUs each worker actor asks for.")
     timeout_s: float = Field(300.0, gt=0, description="service: each session call's budget (a stream's wait per frame).")
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file, at most.")
-
-    @model_validator(mode="after")
-    def _one_prompt_source(self) -> TrackJobConfig:
-        given = [name for name in ("text", "prompt", "prompt_column") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of --text, --prompt or --prompt-column, got {given or 'none'}")
-        if self.prompt_column is not None and not is_table(self.input):
-            raise ValueError("--prompt-column needs a .parquet or .csv table as --input")
-        return self
 
 
 def run_job(config: TrackJobConfig) -> str:
