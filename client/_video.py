@@ -10,11 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypedDict, Union
 
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
+from typing_extensions import Unpack
 
 from client.errors import InvalidPromptError, InvalidRequestError, error_from_code
 from client.images import encode_image
@@ -31,6 +32,27 @@ from client.video_protocol import (
 
 # A video file (its path or bytes), or its frames (numpy RGB arrays or PIL images) in order.
 VideoInput = Union[str, Path, bytes, bytearray, Iterable[Union[np.ndarray, Image.Image]]]
+
+
+class TrackOptions(TypedDict, total=False):
+    """How `track()` and `track_session()` track, and answer (one definition for the blocking and asyncio clients)."""
+
+    start_frame: int | None  # the first frame answered; none: frame 0 for concepts, the first prompted for objects
+    max_frames: int | None  # at most this many frames answered
+    reverse: bool  # backward, down to frame 0
+    rle_masks: bool  # masks as COCO RLE dicts instead of uint8 0/255 arrays
+
+
+def track_request(options: TrackOptions) -> tuple[TrackRequest, bool]:
+    """The request for the options, and whether masks stay RLE; a misspelt option is a TypeError, as for a
+    keyword argument."""
+    unknown = sorted(set(options) - set(TrackOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    request = TrackRequest(
+        start_frame=options.get("start_frame"), max_frames=options.get("max_frames"), reverse=options.get("reverse", False)
+    )
+    return request, options.get("rle_masks", False)
 
 
 def video_prompt(
@@ -165,11 +187,8 @@ class VideoClient(VideoTransport, ABC):
         object_ids: Sequence[int] | None = None,
         *,
         model_id: str | None = None,
-        start_frame: int | None = None,
-        max_frames: int | None = None,
-        reverse: bool = False,
-        rle_masks: bool = False,
         timeout: float | None = None,
+        **options: Unpack[TrackOptions],
     ) -> Iterator[dict[str, Any]]:
         """Track a concept (`text`) or prompted objects (`points` with `labels`, or `boxes`, on `frame`) through a
         video, yielding each frame's objects as the service computes them: `frame_index`, `object_ids`, `masks`
@@ -180,17 +199,11 @@ class VideoClient(VideoTransport, ABC):
         early). For corrections on later frames, or frames from a live source, use the session calls.
         """
         prompt = video_prompt(text, points, labels, boxes, frame, object_ids)
+        track_request(options)  # a misspelt option fails before the upload
         session = self.open_video(video, model_id=model_id, timeout=timeout)
         try:
             self._prompt_video(session.session_id, prompt, self._call_timeout(timeout))
-            yield from self.track_session(
-                session.session_id,
-                start_frame=start_frame,
-                max_frames=max_frames,
-                reverse=reverse,
-                rle_masks=rle_masks,
-                timeout=timeout,
-            )
+            yield from self.track_session(session.session_id, timeout=timeout, **options)
         finally:
             self.close_video(session.session_id, timeout=timeout)
 
@@ -232,14 +245,11 @@ class VideoClient(VideoTransport, ABC):
         self,
         session_id: str,
         *,
-        start_frame: int | None = None,
-        max_frames: int | None = None,
-        reverse: bool = False,
-        rle_masks: bool = False,
         timeout: float | None = None,
+        **options: Unpack[TrackOptions],
     ) -> Iterator[dict[str, Any]]:
         """A prompted session's frames as they are tracked (see `track()`)."""
-        request = TrackRequest(start_frame=start_frame, max_frames=max_frames, reverse=reverse)
+        request, rle_masks = track_request(options)
         yield from frames_of(self._track_video(session_id, request, self._call_timeout(timeout)), rle_masks)
 
     def push_frame(self, session_id: str, frame: np.ndarray | Image.Image | bytes, *, timeout: float | None = None) -> dict[str, Any]:

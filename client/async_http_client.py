@@ -32,7 +32,7 @@ from client._api import (
     without_tracebacks,
 )
 from client.errors import Sam3Error
-from client._video import VideoInput, frame_result, line_frame, video_bytes, video_prompt
+from client._video import TrackOptions, VideoInput, frame_result, line_frame, track_request, video_bytes, video_prompt
 from client.http_client import (
     OCTET_STREAM,
     HttpApi,
@@ -48,7 +48,7 @@ from client.http_client import (
 from client.images import ImageInput, encode_image
 from client.protocol import HEALTH_PATH, READY_PATH, SEGMENT_PATH, SegmentRequest, SegmentResponse
 from client.retry import RetryPolicy, drive_async
-from client.video_protocol import TrackLine, TrackRequest, VideoSessionInfo, video_session_path
+from client.video_protocol import TrackLine, VideoSessionInfo, video_session_path
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -231,25 +231,16 @@ class AsyncSam3HttpClient(ClientCore):
         object_ids: Sequence[int] | None = None,
         *,
         model_id: str | None = None,
-        start_frame: int | None = None,
-        max_frames: int | None = None,
-        reverse: bool = False,
-        rle_masks: bool = False,
         timeout: float | None = None,
+        **options: Unpack[TrackOptions],
     ) -> AsyncIterator[dict[str, Any]]:
         """`Sam3HttpClient.track`: each frame's objects as the service computes them."""
         prompt = video_prompt(text, points, labels, boxes, frame, object_ids)
+        track_request(options)  # a misspelt option fails before the upload
         session = await self.open_video(video, model_id=model_id, timeout=timeout)
         try:
             await self._video_call(prompt_video_call(session.session_id, prompt), timeout)
-            async for tracked in self.track_session(
-                session.session_id,
-                start_frame=start_frame,
-                max_frames=max_frames,
-                reverse=reverse,
-                rle_masks=rle_masks,
-                timeout=timeout,
-            ):
+            async for tracked in self.track_session(session.session_id, timeout=timeout, **options):
                 yield tracked
         finally:
             await self.close_video(session.session_id, timeout=timeout)
@@ -288,13 +279,10 @@ class AsyncSam3HttpClient(ClientCore):
         self,
         session_id: str,
         *,
-        start_frame: int | None = None,
-        max_frames: int | None = None,
-        reverse: bool = False,
-        rle_masks: bool = False,
         timeout: float | None = None,
+        **options: Unpack[TrackOptions],
     ) -> AsyncIterator[dict[str, Any]]:
-        request = TrackRequest(start_frame=start_frame, max_frames=max_frames, reverse=reverse)
+        request, rle_masks = track_request(options)
         timeout = self._timeout_for(timeout)
         json_body = request.model_dump_json()
         url, headers, request_id = self._api.prepare(video_session_path(session_id, "track"), json_body)

@@ -21,6 +21,7 @@ from client.video_protocol import (
     TrackedFrame,
     TrackedObject,
     TrackLine,
+    TrackRequest,
     VideoPromptRequest,
     VideoPromptResponse,
     VideoSessionInfo,
@@ -189,6 +190,26 @@ def test_a_session_is_ended_when_the_caller_stops_early_or_tracking_fails():
         with pytest.raises(SessionNotFoundError, match="evicted"):
             list(client.track(b"video bytes", text="cat"))
     assert failing[-1][0] == "DELETE"
+
+
+def test_tracking_options_travel_and_a_misspelt_one_is_refused_before_anything_is_sent():
+    calls = []
+    with Sam3HttpClient(transport=fake_service(calls)) as client:
+        frames = list(client.track(b"video bytes", text="cat", start_frame=2, max_frames=5, reverse=True, rle_masks=True))
+        with pytest.raises(TypeError, match="'start'"):
+            list(client.track(b"video bytes", text="cat", start=2))
+    assert TrackRequest.model_validate_json(calls[2][3]) == TrackRequest(start_frame=2, max_frames=5, reverse=True)
+    assert set(frames[0]["masks"][0]) == {"size", "counts"}
+    assert len(calls) == 4, "the misspelt call sent nothing"
+
+    async def misspelt() -> None:
+        async with AsyncSam3HttpClient(transport=fake_service(calls)) as client:
+            async for _ in client.track_session(SESSION_ID, max_frame=5):
+                pass
+
+    with pytest.raises(TypeError, match="'max_frame'"):
+        asyncio.run(misspelt())
+    assert len(calls) == 4
 
 
 def test_the_asyncio_client_tracks_alike():
