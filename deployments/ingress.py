@@ -11,6 +11,7 @@ postprocessor, and awaits the last.
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -290,21 +291,15 @@ class Sam3Ingress(VideoIngress):
 
         Parses the body itself: the image is base64 in JSON, which only `model_validate_json` decodes.
         """
-        try:
-            request = await self.read_request(http_request)
-        except Sam3Error as error:
-            self.record_failure(error, UNKNOWN, UNKNOWN)
-            return error_response(error, self.retry_after_s)
+        request = await self.read_keyed(http_request, self.read_json(http_request, SegmentRequest), UNKNOWN)
+        if isinstance(request, Response):
+            return request
         response = await self.segment(request)
         if isinstance(response, Sam3Error):
             return error_response(response, self.retry_after_s)
         return Response(
             response.model_dump_json(), media_type="application/json", headers={"Server-Timing": server_timing(response)}
         )
-
-    async def read_request(self, http_request: Request) -> SegmentRequest:
-        self.check_key(http_request)
-        return await self.read_json(http_request, SegmentRequest)
 
     # --- video sessions (README, "Video"); the logic is `VideoIngress`'s, shared with handle callers ---------
 
@@ -318,12 +313,9 @@ class Sam3Ingress(VideoIngress):
     async def open_video_http(self, http_request: Request, model_id: str | None = None) -> Response:
         """A new session: the body is a video file (any container and codec FFmpeg reads), sent as it is, or
         empty for a live session whose frames come one by one."""
-        try:
-            self.check_key(http_request)
-            video = await read_body(http_request, self.args.video.max_upload_bytes)
-        except Sam3Error as error:
-            self.record_failure(error, UNKNOWN, VIDEO)
-            return error_response(error, self.retry_after_s)
+        video = await self.read_keyed(http_request, read_body(http_request, self.args.video.max_upload_bytes))
+        if isinstance(video, Response):
+            return video
         return self.json_answer(await self.open_video(video or None, model_id), status_code=201)
 
     @app.get(VIDEOS_PATH + "/{session_id}", response_model=VideoSessionInfo, responses=ERROR_RESPONSES)
@@ -338,12 +330,9 @@ class Sam3Ingress(VideoIngress):
     )
     async def prompt_video_http(self, http_request: Request, session_id: str) -> Response:
         """Texts for the whole video, or objects on a frame: `VideoPromptRequest` as JSON."""
-        try:
-            self.check_key(http_request)
-            request = await self.read_json(http_request, VideoPromptRequest)
-        except Sam3Error as error:
-            self.record_failure(error, UNKNOWN, VIDEO)
-            return error_response(error, self.retry_after_s)
+        request = await self.read_keyed(http_request, self.read_json(http_request, VideoPromptRequest))
+        if isinstance(request, Response):
+            return request
         return self.json_answer(await self.prompt_video(session_id, request))
 
     @app.post(
@@ -354,12 +343,9 @@ class Sam3Ingress(VideoIngress):
     )
     async def push_video_frame_http(self, http_request: Request, session_id: str) -> Response:
         """One more frame of a live session: the body is an image file; the answer is its tracked objects."""
-        try:
-            self.check_key(http_request)
-            image = await read_body(http_request, self.max_body_bytes)
-        except Sam3Error as error:
-            self.record_failure(error, UNKNOWN, VIDEO)
-            return error_response(error, self.retry_after_s)
+        image = await self.read_keyed(http_request, read_body(http_request, self.max_body_bytes))
+        if isinstance(image, Response):
+            return image
         return self.json_answer(await self.push_video_frame(session_id, image))
 
     @app.post(
@@ -373,12 +359,9 @@ class Sam3Ingress(VideoIngress):
     async def track_video_http(self, http_request: Request, session_id: str) -> Response:
         """Newline-delimited JSON `TrackLine`s as frames are tracked. The body (`TrackRequest` as JSON) may be
         empty. A failure before the first frame is an HTTP error; one after it is the stream's last line."""
-        try:
-            self.check_key(http_request)
-            request = await self.read_json(http_request, TrackRequest) if await http_request.body() else TrackRequest()
-        except Sam3Error as error:
-            self.record_failure(error, UNKNOWN, VIDEO)
-            return error_response(error, self.retry_after_s)
+        request = await self.read_keyed(http_request, self.read_track_request(http_request))
+        if isinstance(request, Response):
+            return request
         lines = self.track_video(session_id, request)
         first = await anext(lines)
         if first.type == "error" and not first.done:
@@ -401,6 +384,20 @@ class Sam3Ingress(VideoIngress):
     async def close_video_http(self, http_request: Request, session_id: str) -> Response:
         response = await self.keyed(http_request, self.close_video(session_id))
         return Response(status_code=204) if response.status_code == 200 else response
+
+    async def read_track_request(self, http_request: Request) -> TrackRequest:
+        return await self.read_json(http_request, TrackRequest) if await http_request.body() else TrackRequest()
+
+    async def read_keyed(self, http_request: Request, read: Coroutine, prompt_type: str = VIDEO):
+        """What `read` reads from the request once its key is checked, or the response to the first failure of
+        the two, counted and logged. `read` is not started when the key is refused."""
+        try:
+            self.check_key(http_request)
+            return await read
+        except Sam3Error as error:
+            read.close()
+            self.record_failure(error, UNKNOWN, prompt_type)
+            return error_response(error, self.retry_after_s)
 
     def check_key(self, http_request: Request) -> None:
         if not is_authorized(http_request.headers.get("authorization"), self.api_keys):
