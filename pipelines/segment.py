@@ -195,15 +195,10 @@ def drop_done(batch: pa.Table, *, done: list) -> pa.Table:
 
 def segment_stage(rows: Dataset, config: JobConfig, tally: ActorHandle | None) -> Dataset:
     """The rows through the engine's worker actors. A worker lost with its node is restarted wherever its
-    resources are offered and the batches it was given run again (Ray Data's defaults, stated here because
-    the job's guarantee rests on them): each row is still written once."""
-    common = {
-        "batch_size": config.rows_per_call,
-        "batch_format": "pyarrow",
-        "num_cpus": config.worker_cpus,
-        "max_restarts": -1,
-        "max_task_retries": -1,
-    }
+    resources are offered and the batches it was given run again: each row is still written once. That is
+    Ray Data's default for actor pools (`max_restarts` and `max_task_retries` of -1; passing them is deprecated
+    since Ray 2.60); `tests/cluster/test_job_lost_node.py` holds the job to it."""
+    common = {"batch_size": config.rows_per_call, "batch_format": "pyarrow", "num_cpus": config.worker_cpus}
     if config.via == "service":
         check_application(config.app_name)
         return rows.map_batches(

@@ -106,7 +106,8 @@ def _resolve(video: str, root: Path | None) -> str:
 
 
 def track_stage(rows: ray.data.Dataset, config: TrackJobConfig) -> ray.data.Dataset:
-    common = {"batch_size": 1, "batch_format": "pyarrow", "num_cpus": config.worker_cpus, "max_restarts": -1, "max_task_retries": -1}
+    """One video per call of a worker actor; a worker lost with its node is restarted, as for the image job."""
+    common = {"batch_size": 1, "batch_format": "pyarrow", "num_cpus": config.worker_cpus}
     if config.via == "service":
         check_application(config.app_name)
         return rows.map_batches(

@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
+from ray.data import DataContext
+from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
 from client.errors import (
     InvalidImageError,
@@ -708,12 +710,15 @@ def test_both_engines_are_given_the_jobs_options(monkeypatch, via):
 
 @pytest.mark.parametrize("via", ["service", "actors"])
 def test_a_lost_worker_is_restarted_and_its_batches_run_again(monkeypatch, via):
-    """The job's guarantee when a node is lost rests on these, whatever Ray Data's defaults become."""
+    """The job's guarantee when a node is lost rests on Ray Data's defaults for an actor pool, which the stage
+    leaves alone: every worker restarted, every batch retried. A Ray upgrade that changes them fails here."""
     monkeypatch.setattr(segment_module, "check_application", lambda app_name: None)
     monkeypatch.setattr(segment_module, "app_args", lambda config: AppArgs(device="cpu"))
     rows = FakeDataset()
     segment_module.segment_stage(rows, segment_module.parse_args([*JOB_ARGS, "--via", via]), tally="the tally")
-    assert (rows.kwargs["max_restarts"], rows.kwargs["max_task_retries"]) == (-1, -1)
+    assert not {"max_restarts", "max_task_retries"} & set(rows.kwargs)
+    defaults = ActorPoolMapOperator._apply_default_remote_args({}, DataContext.get_current())
+    assert (defaults["max_restarts"], defaults["max_task_retries"]) == (-1, -1)
     assert rows.kwargs["fn_constructor_kwargs"]["tally"] == "the tally"
 
 
