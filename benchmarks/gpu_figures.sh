@@ -16,7 +16,9 @@
 #   compiled-*  the core and the application with the layers compiled (`compile: true`), beside the core-*
 #              and app-* rows above; batches of 16 against 8 (core, and the application's max_batch_size) with a
 #              profile of the compiled batch and Serve's bare floor; then each model replica's start (load,
-#              warm-up and compile) from its log; compiled-vision-app compiles the ViT's layers alone.
+#              warm-up and compile) from its log; compiled-vision-app compiles the ViT's layers alone;
+#   video      video tracking (benchmarks.video, bf16): the service over HTTP against transformers' own loop,
+#              300 frames of 640x480, concepts and two clicked objects.
 # STEPS (default "core app parity") chooses the groups or steps to run; STEP_TIMEOUT (seconds, default 300) bounds each
 # step, so one that hangs leaves time for the rest.
 set -uo pipefail
@@ -60,3 +62,5 @@ step compiled-vision-app "${app[@]}" --only http --configurations batched --max-
   --compile-regions vision --max-batch-size 8,16 --concurrency 1,32 --requests 160
 SHOW_LINES=10 step compiled-starts grep -rh "ready in" /tmp/ray/ --include="*Sam3ModelPool*"
 SHOW_LINES=10 step compiled-core-many "${core[@]}" --compile all
+STEP_TIMEOUT=${STEP_TIMEOUT:-600} SHOW_LINES=12 step video python -m benchmarks.video --checkpoint "$checkpoint" \
+  --device cuda --frames 300 --width 640 --height 480 --markdown

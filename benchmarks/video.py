@@ -1,7 +1,7 @@
 """Video tracking through the application against transformers' own loop in one process, side by side.
 
-    python -m benchmarks.video [--preset tiny|mid|full | --checkpoint DIR] [--device cpu] [--frames 60]
-                               [--width 320 --height 240] [--markdown]
+    python -m benchmarks.video [--preset tiny|mid|full | --checkpoint DIR] [--device cpu|cuda]
+                               [--dtype auto|float32|bfloat16] [--frames 60] [--width 320 --height 240] [--markdown]
 
 For each task (concepts: a text; objects: two clicked objects), the same generated video (shapes moving over
 a background, encoded losslessly) is tracked by:
@@ -9,7 +9,9 @@ a background, encoded losslessly) is tracked by:
   prompt, `propagate_in_video_iterator` and the post-processing, in this process (the frames already decoded);
 - **the service**: `Sam3HttpClient.track()` on the file's bytes: upload, decoding, the session's prompt and the
   stream read as it arrives, over HTTP, from the application started as the tests start it (the CPU profile on
-  a machine without a GPU), one model replica.
+  a machine without a GPU, serve_config.yaml's GPU profile on cuda), one model replica.
+
+Both run in the same dtype (`--dtype`; auto: bfloat16 on cuda, float32 on a CPU, as the service chooses).
 
 Reported: frames/s over the whole video (the service's includes its upload, decoding and session), the time to
 the first frame, and the time between frames as the stream is read (median and 95th percentile). Random-weight
@@ -32,6 +34,7 @@ from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor, Sam3V
 from benchmarks.compare import app_config, preset_checkpoint, print_table
 from benchmarks.machine import cpu_name, git_commit
 from client import Sam3HttpClient
+from sam3_serve_core.checkpoint import DTYPES, resolve_dtype
 from tests.videos import encode_video, moving_shapes
 from tools.launch import APP_NAME, free_port, serve_run, start_local_ray
 
@@ -52,16 +55,16 @@ def video(frames: int, width: int, height: int) -> list[np.ndarray]:
 
 
 @torch.inference_mode()
-def transformers_loop(checkpoint: str, frames: list[np.ndarray], task: str, device: str) -> list[float]:
+def transformers_loop(checkpoint: str, frames: list[np.ndarray], task: str, device: str, dtype: str) -> list[float]:
     """The seconds at which each frame's result was ready, from the session's start."""
     if task == "concepts":
         processor, model = Sam3VideoProcessor.from_pretrained(checkpoint), Sam3VideoModel.from_pretrained(checkpoint)
     else:
         processor, model = Sam3TrackerVideoProcessor.from_pretrained(checkpoint), Sam3TrackerVideoModel.from_pretrained(checkpoint)
-    model = model.to(device).eval()
+    model = model.to(device, dtype=DTYPES[dtype]).eval()
     height, width = frames[0].shape[:2]
     started = time.perf_counter()
-    session = processor.init_video_session(video=frames, inference_device=device)
+    session = processor.init_video_session(video=frames, inference_device=device, dtype=DTYPES[dtype])
     if task == "concepts":
         processor.add_text_prompt(session, TEXT)
     else:
@@ -104,26 +107,28 @@ def main() -> None:
     source.add_argument("--preset", choices=("tiny", "mid", "full"), default="tiny")
     source.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     checkpoint = str(args.checkpoint or preset_checkpoint(args.preset))
+    dtype = resolve_dtype(args.dtype, args.device)
     frames = video(args.frames, args.width, args.height)
     data = encode_video(frames, "matroska", "ffv1")
     print(
-        f"commit {git_commit()}, {cpu_name()}, {args.device}, torch threads {torch.get_num_threads()}; checkpoint "
+        f"commit {git_commit()}, {cpu_name()}, {args.device}, {dtype}, torch threads {torch.get_num_threads()}; checkpoint "
         f"{checkpoint} ({'random weights: masks meaningless' if not args.checkpoint else 'given'}); "
         f"{args.frames} frames of {args.width}x{args.height}"
     )
     tasks, ready = ("concepts", "objects"), {}
     for task in tasks:
-        transformers_loop(checkpoint, frames[:2], task, args.device)  # warm: the first pass pays one-off costs
-        ready[task, "transformers, one process"] = transformers_loop(checkpoint, frames, task, args.device)
+        transformers_loop(checkpoint, frames[:2], task, args.device, dtype)  # warm: the first pass pays one-off costs
+        ready[task, "transformers, one process"] = transformers_loop(checkpoint, frames, task, args.device, dtype)
     ray_address, port = start_local_ray(), free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        url = serve_run(app_config(Path(checkpoint), port, args.device, None), Path(workdir) / "config.yaml", ray_address)
+        url = serve_run(app_config(Path(checkpoint), port, args.device, None, dtype=dtype), Path(workdir) / "config.yaml", ray_address)
         for task in tasks:
             service(url, encode_video(frames[:2], "matroska", "ffv1"), task, args.width, args.height)  # warm
             ready[task, "service, over HTTP"] = service(url, data, task, args.width, args.height)
