@@ -262,10 +262,13 @@ class Sam3Ingress(VideoIngress):
         """
         prepare = self.preprocessor.prepare.remote(request, model_id, deadline)
         in_flight.append(prepare)
-        prepared = await prepare
-        if isinstance(prepared, Sam3Error):  # refused: the preprocessor returns it, so Serve logs no traceback
-            raise prepared
-        result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=prepared.image_key)
+        image_key = None
+        if self.args.vision_cache_bytes > 0:
+            prepared = await prepare
+            if isinstance(prepared, Sam3Error):  # refused: the preprocessor returns it, so Serve logs no traceback
+                raise prepared
+            image_key = prepared.image_key
+        result = self.model_pool.options(multiplexed_model_id=model_id).run.remote(prepare, image_key=image_key)
         final = self.postprocessor.finish.remote(result, request.prompt_type, request.outline_tolerance)
         in_flight += [result, final]
         answer = await final

@@ -148,7 +148,7 @@ class Sam3ModelPool(VideoReplica):
     def _loaded_models(self) -> list[LoadedModel]:
         return list(self._held.values())
 
-    async def run(self, item: PreparedItem, image_key: str | None = None) -> ModelResult | Sam3Error:
+    async def run(self, item: PreparedItem | Sam3Error, image_key: str | None = None) -> ModelResult | Sam3Error:
         """One request in, one result or one error out, whatever else shared its batch.
 
         A typed error (an image no longer cached, a deadline passed, the device out of memory) is returned,
@@ -159,6 +159,8 @@ class Sam3ModelPool(VideoReplica):
         arguments but not the item's contents. A request that names its image by id alone, when this replica
         does not hold that image's features, is answered at once: the caller must send the image.
         """
+        if isinstance(item, Sam3Error):
+            return item
         loaded = await self._loaded_model(serve.get_multiplexed_model_id() or self._args.default_model)
         try:
             loaded.runner.check_image(item)  # before it joins a batch, which it would fail
