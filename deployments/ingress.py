@@ -1,9 +1,9 @@
 """The HTTP ingress: a thin router over one `segment` method that the handle client calls too.
 
-Images and masks go replica to replica through the object store. The ingress reads the prepared item's
-image id (on the same node, Ray maps its pixels without a copy) to route the model call by, passes the
-preprocessor's `DeploymentResponse` itself on to the model pool, chains the model pool's into the
-postprocessor, and awaits the last.
+Images and masks go replica to replica through the object store. The ingress passes the preprocessor's
+`DeploymentResponse` itself on to the model pool, chains the model pool's into the postprocessor, and awaits
+the last. With the vision-feature cache on, it first reads the prepared item's image id (on the same node,
+Ray maps its pixels without a copy) to route the model call by.
 """
 
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations at import.
@@ -256,9 +256,11 @@ class Sam3Ingress(VideoIngress):
     ) -> SegmentResponse:
         """Preprocessor, then model pool, then postprocessor, each response added to `in_flight` as it starts.
 
-        The ingress reads the image's id from the prepared item, so that the model pool's request router can
-        send the request to the replica that holds the image's features. It passes on the preprocessor's
-        response, not the item: the model replica reads the item from the object store itself.
+        It passes on the preprocessor's response, not the item: the model replica reads the item from the
+        object store itself, and a refusal passes through the model pool and the postprocessor back here. With
+        the vision-feature cache on, the ingress first reads the image's id from the prepared item, so that the
+        model pool's request router can send the request to the replica that holds the image's features;
+        without it there is no id, and the round trip through the ingress would only add time.
         """
         prepare = self.preprocessor.prepare.remote(request, model_id, deadline)
         in_flight.append(prepare)

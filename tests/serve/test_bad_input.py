@@ -1,6 +1,9 @@
 """Every bad input gets its documented answer, through HTTP and through the handle; auth; deadlines.
 
-The application runs from serve_config.yaml's CPU profile with small limits and an API key in a file.
+The application runs from serve_config.yaml's CPU profile with small limits, an API key in a file, and the
+vision-feature cache off: the ingress then passes the preprocessor's response straight on, so a request the
+preprocessor refuses has its error carried through the model pool and the postprocessor (with the cache on, as
+in `test_run_many.py`, the ingress reads it first).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def app_config(serve_port, tiny112_dir, tmp_path_factory):
         max_body_bytes=MAX_BODY_BYTES,
         max_prompt_items=MAX_ITEMS,
         api_key_file=str(key_file),
+        vision_cache_bytes=0,
     )
     return config, directory / "config.yaml"
 
@@ -137,12 +141,15 @@ def test_bad_prompts(case, http, app_url):
 
 @pytest.mark.parametrize("case", sorted(BAD_IMAGES))
 def test_bad_images(case, http):
+    """Refused by the preprocessor; the refusal passes through the model pool without joining a batch."""
     data, status, code, error_type = BAD_IMAGES[case]
+    before = model_pool_batch_sizes()
     response = post(http, {"image": image_b64(data), "text": "cat"})
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     with pytest.raises(error_type):
         Sam3HandleClient(APP_NAME)._segment(SegmentRequest(image=data, text="cat"), timeout=60)
+    assert model_pool_batch_sizes() == before
 
 
 def test_not_a_number_in_json(http):

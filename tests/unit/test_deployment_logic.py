@@ -11,7 +11,7 @@ import torch
 
 from pydantic import ValidationError
 
-from client.errors import ModelNotFoundError, RequestTimeoutError, ServiceUnavailableError
+from client.errors import InvalidImageError, ModelNotFoundError, RequestTimeoutError, ServiceUnavailableError
 from deployments.config import AppArgs, set_default_checkpoint
 from deployments.metrics import stage_latencies
 from deployments.model_pool import Sam3ModelPool
@@ -121,3 +121,12 @@ def test_expired_items_are_answered_without_running():
     assert isinstance(results[0], RequestTimeoutError)
     assert [r.segmentation for r in results[1:]] == ["answer for (2, 2)", "answer for (3, 3)"]
     assert runner.calls == [2]
+
+
+def test_a_request_the_preprocessor_refused_passes_through_the_pool_untouched():
+    """Without the vision-feature cache the ingress hands the preprocessor's response straight to the model pool,
+    so a refusal arrives here: it goes back as it came, with no model looked up and no batch joined."""
+    pool = pool_with(FakeRunner(ValueError("never"), max_ok=10))
+    refusal = InvalidImageError("cannot decode the image")
+    assert asyncio.run(pool.run(refusal)) is refusal
+    assert pool.batch_sizes == Counter()
