@@ -104,6 +104,7 @@ SCALED_DEPLOYMENTS = ("Sam3Preprocessor", MODEL_POOL, "Sam3Postprocessor")  # re
 SETTLE_S = 10
 # Stages the server reports in `timings_ms`, in data-path order; any other key it sends is shown after them.
 SERVER_STAGES = ("preprocess", "queue", "model", "postprocess")
+BETWEEN_STAGES = "server between stages (median)"
 CLIENT_TIMEOUT_S = 1800.0
 IN_PROCESS_WARMUP = 3
 STAGE_SAMPLES = 5
@@ -534,12 +535,18 @@ def batch_and_busy(before: dict | None, after: dict | None, wall_s: float) -> tu
 
 
 def server_stage_means_ms(responses: list) -> dict[str, float]:
-    """The mean of each stage the server reports in `timings_ms`."""
+    """The mean of each stage the server reports in `timings_ms`; and the median time a request spent between
+    its stages (the server's total less its stages: the hops from deployment to deployment), per request, so
+    that one slow stage does not hide in it."""
     samples: dict[str, list[float]] = {}
+    between = []
     for response in responses:
         for stage, ms in response.timings_ms.items():
             samples.setdefault(f"server {stage}", []).append(ms)
-    return {stage: statistics.fmean(values) for stage, values in samples.items()}
+        if "total" in response.timings_ms:
+            between.append(response.timings_ms["total"] - sum(response.timings_ms.get(stage, 0.0) for stage in SERVER_STAGES))
+    means = {stage: statistics.fmean(values) for stage, values in samples.items()}
+    return {**means, BETWEEN_STAGES: statistics.median(between)} if between else means
 
 
 def client_decode_ms(responses: list) -> float | None:
@@ -786,7 +793,8 @@ def stage_columns(rows: list[Measurement]) -> list[str]:
     """The client's stages around the server's, in data-path order; stages only a newer server sends come last."""
     sent = {stage for row in rows for stage in row.stages_ms if stage.startswith("server ")}
     known = [f"server {stage}" for stage in SERVER_STAGES]
-    return ["client encode", *known, *sorted(sent - set(known)), "client decode"]
+    later = sorted(sent - {*known, BETWEEN_STAGES}) + ([BETWEEN_STAGES] if BETWEEN_STAGES in sent else [])
+    return ["client encode", *known, *later, "client decode"]
 
 
 def print_measurements(title: str, rows: list[Measurement], markdown: bool, *, served: bool) -> None:
