@@ -9,6 +9,7 @@ no request can create a new time series.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -79,7 +80,8 @@ class IngressMetrics:
 class ModelPoolMetrics:
     """How full the model's batches are: requests per batch, and prompts (texts, box sets, point sets) per batch.
 
-    And how the vision-feature cache does: lookups that hit or missed, evictions, and what it holds.
+    How the vision-feature cache does: lookups that hit or missed, evictions, and what it holds. And the video
+    sessions a replica holds (their count and bytes), why they ended, and the frames they answered.
     """
 
     def __init__(self) -> None:
@@ -112,6 +114,25 @@ class ModelPoolMetrics:
             "sam3_vision_cache_images", description="Images whose features the cache holds.", tag_keys=("model_id",)
         )
         self._reported_cache: weakref.WeakKeyDictionary[VisionFeatureCache, CacheStats] = weakref.WeakKeyDictionary()
+        self.video_sessions = Gauge(
+            "sam3_video_sessions", description="Video sessions a model replica holds.", tag_keys=("model_id",)
+        )
+        self.video_session_bytes = Gauge(
+            "sam3_video_session_bytes",
+            description="Bytes of the video sessions a model replica holds (frames on the host, tracking state on its device).",
+            tag_keys=("model_id",),
+        )
+        self.video_sessions_ended = Counter(
+            "sam3_video_sessions_ended",
+            description="Video sessions ended, by reason: closed, idle (past idle_timeout_s), evicted (for room), "
+            "model_unloaded.",
+            tag_keys=("model_id", "reason"),
+        )
+        self.video_frames = Counter(
+            "sam3_video_frames",
+            description="Video frames tracked and answered (streamed or pushed), by task: concepts or objects.",
+            tag_keys=("model_id", "task"),
+        )
 
     def observe_cache(self, model_id: str, cache: VisionFeatureCache) -> None:
         """What changed in `cache` since its last report (batches overlap, so not since a batch began; a model
@@ -127,6 +148,17 @@ class ModelPoolMetrics:
             self.cache_evictions.inc(after.evictions - before.evictions, tags=tags)
         self.cache_bytes.set(after.bytes_held, tags=tags)
         self.cache_images.set(after.images_held, tags=tags)
+
+    def observe_video_sessions(self, model_ids: Iterable[str], holdings: Iterable[tuple[str, int]]) -> None:
+        """What the replica holds now, per model: `holdings` are (model id, bytes) per session; a model of
+        `model_ids` with none reports zero."""
+        sessions, held_bytes = dict.fromkeys(model_ids, 0), dict.fromkeys(model_ids, 0)
+        for model_id, nbytes in holdings:
+            sessions[model_id] = sessions.get(model_id, 0) + 1
+            held_bytes[model_id] = held_bytes.get(model_id, 0) + nbytes
+        for model_id in sessions:
+            self.video_sessions.set(sessions[model_id], tags={"model_id": model_id})
+            self.video_session_bytes.set(held_bytes[model_id], tags={"model_id": model_id})
 
     def observe_batch(self, model_id: str, items: list[PreparedItem]) -> None:
         tags = {"model_id": model_id}

@@ -209,7 +209,8 @@ class Sam3ModelPool(VideoReplica):
         ]
 
     def stats(self) -> dict:
-        """Cumulative batch sizes and busy seconds (time with a batch running), for benchmarks and operators."""
+        """Cumulative batch sizes and busy seconds (time with a batch running), and the video sessions held, for
+        benchmarks and operators."""
         loaded = self._loaded_models()
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
@@ -222,4 +223,5 @@ class Sam3ModelPool(VideoReplica):
                 for model in loaded
                 if model.runner.vision_cache is not None
             },
+            "video_sessions": self.video_sessions_held(),
         }

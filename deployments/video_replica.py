@@ -29,6 +29,7 @@ from client.video_protocol import (
     VideoSessionInfo,
 )
 from deployments.config import AppArgs
+from deployments.metrics import ModelPoolMetrics
 from sam3_serve_core import video_tracking
 from sam3_serve_core.images import decode_image
 from sam3_serve_core.video_frames import VideoLimits, video_frames
@@ -39,6 +40,10 @@ logger = logging.getLogger("ray.serve")
 
 # Frames decoded and processed per call on a model thread: image batches run between such calls.
 FRAMES_PER_STEP = 8
+# How often idle sessions are swept and what the replica holds is reported: a quarter of the idle timeout,
+# within these bounds.
+SWEEP_EVERY_S = (1.0, 10.0)
+MODEL_UNLOADED = "model_unloaded"  # why a session ended, beside video_sessions' own reasons
 
 
 @dataclass
@@ -70,20 +75,60 @@ def add_frames(session: VideoSession, frames: Iterator[np.ndarray], count: int) 
 
 
 class VideoReplica:
-    """Needs, from the model pool: `_args`, `_held` (the models it holds, by id), `_loaded_model(model_id)` and
-    `_on_model_thread(function, *args)`."""
+    """Needs, from the model pool: `_args`, `_held` (the models it holds, by id), `_loaded_model(model_id)`,
+    `_on_model_thread(function, *args)` and `metrics`."""
 
     _args: AppArgs
     _held: Mapping[str, object]
+    metrics: ModelPoolMetrics
 
     def _init_video(self) -> None:
+        """Called from the replica's constructor, on its event loop, where the sweep of idle sessions runs."""
         video = self._args.video
         self._video_limits = VideoLimits(max_frames=video.max_frames, max_frame_pixels=video.max_frame_pixels)
         self._video_sessions: VideoSessions[HeldSession] = VideoSessions(
-            SessionLimits(video.sessions_per_replica, video.session_bytes_per_replica, video.idle_timeout_s)
+            SessionLimits(video.sessions_per_replica, video.session_bytes_per_replica, video.idle_timeout_s),
+            on_end=self._session_ended,
         )
         self._video_models_lock = threading.Lock()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._video_sweep = asyncio.get_running_loop().create_task(self._sweep_video_sessions())
+
+    async def _sweep_video_sessions(self) -> None:
+        low, high = SWEEP_EVERY_S
+        period = min(max(self._args.video.idle_timeout_s / 4, low), high)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self._sweep_video_sessions_once()
+            except Exception:  # a sweep that fails is logged; the next one runs
+                logger.exception("sweeping the video sessions failed")
+
+    def _sweep_video_sessions_once(self) -> None:
+        """End the sessions that are idle or whose model was unloaded even when no video request comes, for
+        their memory is the device's (a session holds its model's weights), and report what the replica holds."""
+        self._video_sessions.expire_idle()
+        for token, held, _ in self._video_sessions.holdings():
+            if held.model_id not in self._held:
+                self._end_for_unloaded_model(token, held)
+        self.metrics.observe_video_sessions(
+            self._args.models, [(held.model_id, nbytes) for _, held, nbytes in self._video_sessions.holdings()]
+        )
+
+    def _end_for_unloaded_model(self, token: str, held: HeldSession) -> None:
+        self._video_sessions.close(token, f"its model {held.model_id} was unloaded from the replica", MODEL_UNLOADED)
+
+    def _session_ended(self, held: HeldSession, reason: str) -> None:
+        self.metrics.video_sessions_ended.inc(tags={"model_id": held.model_id, "reason": reason})
+
+    def video_sessions_held(self) -> dict[str, dict[str, int]]:
+        """Per model, the sessions held and their bytes (for `stats()`)."""
+        held: dict[str, dict[str, int]] = {}
+        for _, session, nbytes in self._video_sessions.holdings():
+            counts = held.setdefault(session.model_id, {"sessions": 0, "bytes": 0})
+            counts["sessions"] += 1
+            counts["bytes"] += nbytes
+        return held
 
     async def open_video(self, video: bytes | None) -> VideoSessionInfo | Sam3Error:
         """A new session on this replica, of the video file's frames (decoded as a stream), or empty (frames
@@ -143,6 +188,7 @@ class VideoReplica:
                 )
                 while (frame := await self._on_model_thread(self._encoded, next, tracked, None)) is not None:
                     self._video_sessions.get(token)  # in use: a long stream is never idle, nor evicted first
+                    self._count_frame(held)
                     done += 1
                     yield TrackLine(type="frame", frame=frame, done=done, total=total)
                 self._video_sessions.resize(token, held.session.nbytes())
@@ -158,6 +204,8 @@ class VideoReplica:
             async with held.lock:
                 frame = await self._on_model_thread(self._encoded, held.session.track_new_frame, rgb)
                 self._video_sessions.resize(token, held.session.nbytes())
+            if held.session.task is not None:
+                self._count_frame(held)
             return frame
         except Sam3Error as error:
             return error
@@ -182,9 +230,12 @@ class VideoReplica:
         token = session_token(session_id, self._replica_id)
         held = self._video_sessions.get(token)
         if held.model_id not in self._held:
-            self._video_sessions.close(token, f"its model {held.model_id} was unloaded from the replica")
+            self._end_for_unloaded_model(token, held)
             held = self._video_sessions.get(token)  # raises, saying why
         return token, held
+
+    def _count_frame(self, held: HeldSession) -> None:
+        self.metrics.video_frames.inc(tags={"model_id": held.model_id, "task": held.session.task})
 
     def _info(self, token: str, held: HeldSession) -> VideoSessionInfo:
         session = held.session

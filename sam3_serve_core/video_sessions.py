@@ -3,9 +3,10 @@
 A video session's state (transformers' inference session: its frames, the tracker's memories, each object's
 outputs) lives on the replica that made it, on its device, and grows as frames are added. The replica holds
 at most `max_sessions` of them and `max_bytes` in all: a new or growing session evicts the least recently used
-others to fit, and a session left idle for `idle_timeout_s` is dropped. A session asked for once gone raises
-`SessionNotFoundError`, which says why (ended, idle, evicted for room, or never held here), so that the caller
-knows to start again. Ray-free; the replica serialises calls (one lock).
+others to fit, and a session left idle for `idle_timeout_s` is dropped (when the store is next used, or swept:
+`expire_idle`). A session asked for once gone raises `SessionNotFoundError`, which says why (ended, idle,
+evicted for room, or never held here), so that the caller knows to start again; `on_end` hears of every end,
+with its reason. Ray-free; one lock, for the replica's event loop and its model threads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from client.errors import SessionNotFoundError, VideoTooLongError
 State = TypeVar("State")
 # How many ended sessions are remembered, to say why one is gone.
 GONE_REMEMBERED = 1024
+# Why a session ended, as `on_end` hears it: a bounded set, fit for a metric's tag.
+CLOSED, IDLE, EVICTED = "closed", "idle", "evicted"
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,15 @@ class _Held(Generic[State]):
 
 
 class VideoSessions(Generic[State]):
-    def __init__(self, limits: SessionLimits, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        limits: SessionLimits,
+        clock: Callable[[], float] = time.monotonic,
+        on_end: Callable[[State, str], None] | None = None,
+    ):
         self.limits = limits
         self._clock = clock
+        self._on_end = on_end
         self._held: OrderedDict[str, _Held[State]] = OrderedDict()  # least recently used first
         self._gone: OrderedDict[str, str] = OrderedDict()  # session id -> why it is gone
         self._lock = threading.Lock()
@@ -53,6 +62,16 @@ class VideoSessions(Generic[State]):
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def holdings(self) -> list[tuple[str, State, int]]:
+        """Each session held: its id, its state and its bytes."""
+        with self._lock:
+            return [(session_id, held.state, held.nbytes) for session_id, held in self._held.items()]
+
+    def expire_idle(self) -> None:
+        """End the sessions idle for `idle_timeout_s`, without waiting for the store's next use."""
+        with self._lock:
+            self._expire_idle()
 
     def open(self, state: State, nbytes: int) -> str:
         """Hold a new session and return its id, evicting the least recently used others to fit."""
@@ -82,11 +101,12 @@ class VideoSessions(Generic[State]):
             held.nbytes, held.last_used = nbytes, self._clock()
             self._make_room(0, sessions=0)
 
-    def close(self, session_id: str, why: str = "it was ended") -> None:
+    def close(self, session_id: str, why: str = "it was ended", reason: str = CLOSED) -> None:
         """End the session, remembering `why`; closing one already gone is not an error."""
         with self._lock:
-            if self._held.pop(session_id, None) is not None:
-                self._forget(session_id, why)
+            held = self._held.pop(session_id, None)
+            if held is not None:
+                self._ended(session_id, held, why, reason)
 
     def _check_fits(self, nbytes: int) -> None:
         if nbytes > self.limits.max_bytes:
@@ -105,8 +125,7 @@ class VideoSessions(Generic[State]):
     def _expire_idle(self) -> None:
         deadline = self._clock() - self.limits.idle_timeout_s
         for session_id in [sid for sid, held in self._held.items() if held.last_used <= deadline]:
-            del self._held[session_id]
-            self._forget(session_id, f"it was idle for {self.limits.idle_timeout_s:g} s")
+            self._ended(session_id, self._held.pop(session_id), f"it was idle for {self.limits.idle_timeout_s:g} s", IDLE)
 
     def _make_room(self, nbytes: int, sessions: int) -> None:
         """Evict from the least recently used end until `sessions` more sessions and `nbytes` more bytes fit;
@@ -114,10 +133,12 @@ class VideoSessions(Generic[State]):
         while len(self._held) > (0 if sessions else 1) and (
             len(self._held) + sessions > self.limits.max_sessions or self.held_bytes + nbytes > self.limits.max_bytes
         ):
-            session_id, _ = self._held.popitem(last=False)
-            self._forget(session_id, "it was evicted to make room for newer sessions")
+            session_id, held = self._held.popitem(last=False)
+            self._ended(session_id, held, "it was evicted to make room for newer sessions", EVICTED)
 
-    def _forget(self, session_id: str, why: str) -> None:
+    def _ended(self, session_id: str, held: _Held[State], why: str, reason: str) -> None:
         self._gone[session_id] = why
         while len(self._gone) > GONE_REMEMBERED:
             self._gone.popitem(last=False)
+        if self._on_end is not None:
+            self._on_end(held.state, reason)

@@ -30,6 +30,7 @@ from sam3_serve_core.pipeline import Sam3Pipeline
 from tests.answers import Expected, assert_close_answer, close_answer, expect
 from tests.conftest import random_image, tiny_checkpoint_dir
 from tests.serve.app_runner import APP_NAME, cpu_config, serve_run
+from tests.videos import encode_video, moving_shapes
 
 IMAGE = random_image(90, 130, seed=11)
 PROMPTS = [
@@ -221,6 +222,9 @@ def test_the_metrics_endpoint_has_each_metric_with_its_tags(clients):
         clients["http"].run(IMAGE, model_id="sam2", text="cat")
     with pytest.raises(InvalidPromptError):
         clients["handle"].run(IMAGE, boxes=[[50, 50, 10, 10]], labels=[1])
+    video = encode_video(moving_shapes(4), "matroska", "ffv1")
+    assert len(list(clients["http"].track(video, points=[[20, 15]], labels=[1]))) == 4
+    session = clients["http"].open_video(video)  # held, so the replica's session gauges show it
 
     wanted = {
         "ray_sam3_requests_total": [{"model_id": "sam3", "prompt_type": kind} for kind in ("text", "boxes", "points")],
@@ -235,6 +239,10 @@ def test_the_metrics_endpoint_has_each_metric_with_its_tags(clients):
         "ray_sam3_image_pixels_bucket": [{"model_id": "sam3"}],
         "ray_sam3_model_batch_size_bucket": [{"model_id": "sam3", "deployment": "Sam3ModelPool"}],
         "ray_sam3_model_batch_prompts_bucket": [{"model_id": "sam3", "deployment": "Sam3ModelPool"}],
+        "ray_sam3_video_frames_total": [{"model_id": "sam3", "task": "objects"}],
+        "ray_sam3_video_sessions_ended_total": [{"model_id": "sam3", "reason": "closed"}],
+        "ray_sam3_video_sessions": [{"model_id": "sam3"}, {"model_id": "small"}],
+        "ray_sam3_video_session_bytes": [{"model_id": "sam3"}],
     }
     deadline, missing = time.monotonic() + 90, wanted
     while missing and time.monotonic() < deadline:
@@ -246,6 +254,7 @@ def test_the_metrics_endpoint_has_each_metric_with_its_tags(clients):
         missing = {name: tag_sets for name, tag_sets in missing.items() if tag_sets}
         time.sleep(2)
     assert not missing, f"not exported within 90 s: {missing}"
+    clients["http"].close_video(session.session_id)
     # One series per ingress replica: earlier modules' applications in this Ray session export theirs too.
     errors = series(text, "ray_sam3_request_errors_total", error_code="model_not_found")
     assert sum(float(line.rsplit(" ", 1)[1]) for line in errors) >= 1

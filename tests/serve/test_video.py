@@ -29,7 +29,15 @@ from pipelines.track import TrackJobConfig, run_job
 from sam3_serve_core.checkpoint import load_sam3
 from sam3_serve_core.video_frames import VideoLimits, video_frames
 from sam3_serve_core.video_tracking import ObjectPrompt, VideoSession, load_video_models
-from tests.serve.app_runner import APP_NAME, cpu_config, deployment, replica_count, serve_run, wait_until_running
+from tests.serve.app_runner import (
+    APP_NAME,
+    cpu_config,
+    deployment,
+    replica_count,
+    replica_stats,
+    serve_run,
+    wait_until_running,
+)
 from tests.videos import encode_video, moving_shapes
 
 MODEL_REPLICAS = 2
@@ -197,6 +205,19 @@ def test_the_least_recently_used_session_is_evicted_and_an_idle_one_ends(http_cl
     time.sleep(IDLE_TIMEOUT_S + 1)
     with pytest.raises(SessionNotFoundError, match="idle"):
         http_client.prompt_video(idle.session_id, text="cat")
+
+
+def test_idle_sessions_end_with_no_video_request_to_notice_them(http_client):
+    """Their memory is the device's: each replica sweeps its sessions (here every 5 s, a quarter of the idle
+    timeout), and `stats()` shows what it holds."""
+    http_client.open_video(VIDEO)
+    held = [stats["video_sessions"] for stats in replica_stats(MODEL_REPLICAS).values()]
+    assert sum(models["sam3"]["sessions"] for models in held if models) >= 1
+    assert all(models["sam3"]["bytes"] > 0 for models in held if models)
+    deadline = time.monotonic() + IDLE_TIMEOUT_S + 30
+    while any(stats["video_sessions"] for stats in replica_stats(MODEL_REPLICAS).values()):
+        assert time.monotonic() < deadline, "an idle session outlived its timeout and the sweep after it"
+        time.sleep(1)
 
 
 def test_a_session_whose_replica_died_is_not_found_at_once(app_url, http_client):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -27,6 +28,7 @@ from client.video_protocol import (
     VideoSessionInfo,
     video_session_path,
 )
+from deployments.config import AppArgs
 from deployments.model_pool import LoadedModel, Sam3ModelPool
 from deployments.video_replica import HeldSession, session_token
 from sam3_serve_core import video_tracking
@@ -240,3 +242,28 @@ def test_a_session_ends_with_its_model():
     for _ in range(2):
         with pytest.raises(SessionNotFoundError, match="its model sam3 was unloaded"):
             pool._held_session(f"replica1.{token}")
+
+
+def test_a_sweep_ends_sessions_of_an_unloaded_model_and_idle_ones_and_reports_what_is_held():
+    """With no video request at all: a session whose model was unloaded, and one idle past its timeout, are
+    ended by a sweep, each end heard with its reason; what is still held is reported per served model."""
+    pool = object.__new__(Sam3ModelPool.func_or_class)
+    pool._args = AppArgs(models={"sam3": "a", "small": "b"}, default_model="sam3")
+    ended, reported = [], []
+    pool.metrics = SimpleNamespace(
+        video_sessions_ended=SimpleNamespace(inc=lambda tags: ended.append(tags)),
+        observe_video_sessions=lambda model_ids, holdings: reported.append((list(model_ids), holdings)),
+    )
+    clock = SimpleNamespace(now=0.0)
+    pool._video_sessions = VideoSessions(SessionLimits(4, 10**9, 60), clock=lambda: clock.now, on_end=pool._session_ended)
+    pool._held = weakref.WeakValueDictionary()
+    model = LoadedModel("sam3", models=None, runner=None, batcher=None)
+    pool._held["sam3"] = model
+    pool._video_sessions.open(HeldSession("sam3", session=None), 100)
+    pool._video_sessions.open(HeldSession("small", session=None), 200)  # "small" is not loaded
+    pool._sweep_video_sessions_once()
+    assert ended == [{"model_id": "small", "reason": "model_unloaded"}]
+    assert reported == [(["sam3", "small"], [("sam3", 100)])]
+    clock.now = 60
+    pool._sweep_video_sessions_once()
+    assert ended[1:] == [{"model_id": "sam3", "reason": "idle"}] and reported[-1] == (["sam3", "small"], [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client.errors import SessionNotFoundError, VideoTooLongError
-from sam3_serve_core.video_sessions import GONE_REMEMBERED, SessionLimits, VideoSessions
+from sam3_serve_core.video_sessions import CLOSED, EVICTED, GONE_REMEMBERED, IDLE, SessionLimits, VideoSessions
 
 
 class Clock:
@@ -96,3 +96,20 @@ def test_only_so_many_gone_sessions_are_remembered():
         store.open("x", 1)
     with pytest.raises(SessionNotFoundError, match="no replica holds it"):
         store.get(first)
+
+
+def test_every_end_is_heard_with_its_reason_and_a_sweep_ends_idle_sessions_unasked():
+    clock, ended = Clock(), []
+    store = VideoSessions(SessionLimits(2, 1000, 60), clock=clock, on_end=lambda state, reason: ended.append((state, reason)))
+    closed, idle = store.open("closed", 10), store.open("idle", 20)
+    store.close(closed)
+    store.close(closed)  # gone already: no second end
+    store.open("newer", 30)
+    store.open("newest", 40)  # two held at most: "idle" is the least recently used
+    assert ended == [("closed", CLOSED), ("idle", EVICTED)]
+    assert sorted((state, nbytes) for _, state, nbytes in store.holdings()) == [("newer", 30), ("newest", 40)]
+    clock.now = 61
+    store.expire_idle()  # nothing else asked of the store
+    assert ended[2:] == [("newer", IDLE), ("newest", IDLE)] and store.holdings() == []
+    with pytest.raises(SessionNotFoundError, match="evicted"):
+        store.get(idle)
