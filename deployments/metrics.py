@@ -9,7 +9,7 @@ no request can create a new time series.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -149,16 +149,13 @@ class ModelPoolMetrics:
         self.cache_bytes.set(after.bytes_held, tags=tags)
         self.cache_images.set(after.images_held, tags=tags)
 
-    def observe_video_sessions(self, model_ids: Iterable[str], holdings: Iterable[tuple[str, int]]) -> None:
-        """What the replica holds now, per model: `holdings` are (model id, bytes) per session; a model of
-        `model_ids` with none reports zero."""
-        sessions, held_bytes = dict.fromkeys(model_ids, 0), dict.fromkeys(model_ids, 0)
-        for model_id, nbytes in holdings:
-            sessions[model_id] = sessions.get(model_id, 0) + 1
-            held_bytes[model_id] = held_bytes.get(model_id, 0) + nbytes
-        for model_id in sessions:
-            self.video_sessions.set(sessions[model_id], tags={"model_id": model_id})
-            self.video_session_bytes.set(held_bytes[model_id], tags={"model_id": model_id})
+    def observe_video_sessions(self, model_ids: Iterable[str], held: Mapping[str, Mapping[str, int]]) -> None:
+        """What the replica holds now: `held` is per model its `sessions` and their `bytes`; a model of
+        `model_ids` that holds none reports zero."""
+        for model_id in {*model_ids, *held}:
+            counts = held.get(model_id, {})
+            self.video_sessions.set(counts.get("sessions", 0), tags={"model_id": model_id})
+            self.video_session_bytes.set(counts.get("bytes", 0), tags={"model_id": model_id})
 
     def observe_batch(self, model_id: str, items: list[PreparedItem]) -> None:
         tags = {"model_id": model_id}

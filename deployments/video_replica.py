@@ -92,6 +92,7 @@ class VideoReplica:
         )
         self._video_models_lock = threading.Lock()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
+        # Held here: the event loop keeps only a weak reference to its tasks.
         self._video_sweep = asyncio.get_running_loop().create_task(self._sweep_video_sessions())
 
     async def _sweep_video_sessions(self) -> None:
@@ -111,9 +112,7 @@ class VideoReplica:
         for token, held, _ in self._video_sessions.holdings():
             if held.model_id not in self._held:
                 self._end_for_unloaded_model(token, held)
-        self.metrics.observe_video_sessions(
-            self._args.models, [(held.model_id, nbytes) for _, held, nbytes in self._video_sessions.holdings()]
-        )
+        self.metrics.observe_video_sessions(self._args.models, self.video_sessions_held())
 
     def _end_for_unloaded_model(self, token: str, held: HeldSession) -> None:
         self._video_sessions.close(token, f"its model {held.model_id} was unloaded from the replica", MODEL_UNLOADED)

@@ -263,7 +263,7 @@ def test_a_sweep_ends_sessions_of_an_unloaded_model_and_idle_ones_and_reports_wh
     pool._video_sessions.open(HeldSession("small", session=None), 200)  # "small" is not loaded
     pool._sweep_video_sessions_once()
     assert ended == [{"model_id": "small", "reason": "model_unloaded"}]
-    assert reported == [(["sam3", "small"], [("sam3", 100)])]
+    assert reported == [(["sam3", "small"], {"sam3": {"sessions": 1, "bytes": 100}})]
     clock.now = 60
     pool._sweep_video_sessions_once()
-    assert ended[1:] == [{"model_id": "sam3", "reason": "idle"}] and reported[-1] == (["sam3", "small"], [])
+    assert ended[1:] == [{"model_id": "sam3", "reason": "idle"}] and reported[-1] == (["sam3", "small"], {})
